@@ -1,0 +1,114 @@
+"""ImageNet backbones: a torchvision ResNet run only up to the last feature layer PatchCore uses."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from config import UserError
+
+STEM = ("conv1", "bn1", "relu", "maxpool")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' does not exist: pass --weights imagenet, none, or a state-dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for foreign or damaged files
+        raise UserError(f"cannot read weights file '{path}' ({type(err).__name__}): expected a torch state dict") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file '{path}' is not a state dict of tensors")
+    return state
+
+
+def _build(name: str, weights: str) -> nn.Module:
+    builder = getattr(torchvision.models, name)
+    if weights != "imagenet":
+        return builder(weights=None)
+    enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return builder(weights=enum)
+    except Exception as err:  # urllib, ssl or socket errors when offline
+        raise UserError(
+            f"cannot download the ImageNet weights of {name} ({type(err).__name__}): pass --weights FILE "
+            f"(a state dict), or put {Path(enum.url).name} into $TORCH_HOME/hub/checkpoints"
+        ) from None
+
+
+class FeatureExtractor(nn.Module):
+    """The stem and stages of a ResNet up to the last of ``layers``; returns those layers' maps.
+
+    Weights: 'imagenet' (torchvision's IMAGENET1K_V1, as the PatchCore reference uses), 'none' (random,
+    seeded by the caller) or a state-dict file, loaded non-strictly but required to hold every parameter
+    of the stages that run (keys of later stages, such as layer4 or fc, may be absent).
+    """
+
+    def __init__(self, name: str, weights: str, layers: tuple[str, ...]):
+        super().__init__()
+        model = _build(name, weights)
+        self.layers = tuple(sorted(layers, key=STAGES.index))
+        used = STEM + STAGES[: STAGES.index(self.layers[-1]) + 1]
+        if weights not in ("imagenet", "none"):
+            self._load_file(model, Path(weights), used)
+        self.body = nn.ModuleDict({name: getattr(model, name) for name in used})
+        self.channels = tuple(_out_channels(self.body[layer]) for layer in self.layers)
+        self.eval().requires_grad_(False)
+        self.weights_digest = self._digest()
+        _fuse_batchnorm(self.body)
+
+    @staticmethod
+    def _load_file(model: nn.Module, path: Path, used: tuple[str, ...]) -> None:
+        state = _load_state_dict(path)
+        try:
+            missing, _ = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise UserError(f"weights file '{path}' does not fit this backbone: {first}") from None
+        needed = [key for key in missing if key.split(".")[0] in used]
+        if needed:
+            raise UserError(f"weights file '{path}' lacks {len(needed)} parameters the backbone needs "
+                            f"(e.g. {needed[0]}): is it a state dict for this --backbone?")
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        maps, x = [], images
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self.layers:
+                maps.append(x)
+        return maps
+
+    def _digest(self) -> str:
+        """SHA-256 of the parameters and buffers that run: identifies the weights, whatever file they came from."""
+        sha = hashlib.sha256()
+        for key, tensor in sorted(self.body.state_dict().items()):
+            sha.update(key.encode())
+            sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return sha.hexdigest()
+
+
+def _fuse_batchnorm(module: nn.Module) -> None:
+    """Fold each eval-mode BatchNorm into the convolution before it (ResNet's conv<i>/bn<i> pairs and downsample
+    branches): the same function up to float rounding, one pass less over every activation map."""
+    for child in module.children():
+        _fuse_batchnorm(child)
+    for suffix in ("1", "2", "3"):
+        conv, norm = getattr(module, f"conv{suffix}", None), getattr(module, f"bn{suffix}", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            setattr(module, f"conv{suffix}", fuse_conv_bn_eval(conv, norm))
+            setattr(module, f"bn{suffix}", nn.Identity())
+    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d) \
+            and isinstance(module[1], nn.BatchNorm2d):
+        module[0], module[1] = fuse_conv_bn_eval(module[0], module[1]), nn.Identity()
+
+
+def _out_channels(stage: nn.Sequential) -> int:
+    last_block = stage[-1]
+    last_bn = last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2
+    return last_bn.num_features

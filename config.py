@@ -1,0 +1,146 @@
+"""Settings: the dataclasses below are the one source of truth; the CLI flags are generated from them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, get_type_hints
+
+import torch
+
+DATA_PATH_ENV = "MVTEC_AD_PATH"
+DEFAULT_DATA_PATH = "data/mvtec_ad"
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
+
+
+class UserError(Exception):
+    """A problem the user can fix (path, data, checkpoint, option); shown as one line, exit code 2.
+
+    ``str()`` is the user's message even when a DataLoader worker re-raised it wrapped in a traceback.
+    """
+
+    def __str__(self) -> str:
+        lines = super().__str__().strip().splitlines() or [""]
+        return lines[-1].removeprefix(f"{type(self).__name__}: ")
+
+
+def _option(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class PatchCoreConfig:
+    """Everything that determines a memory bank and its scores; stored in every checkpoint."""
+
+    backbone: str = _option("wide_resnet50_2", f"ImageNet backbone: {', '.join(BACKBONES)}")
+    weights: str = _option("imagenet", "'imagenet' (torchvision download/cache), 'none' (random), or a state-dict file")
+    layers: tuple[str, ...] = _option(("layer2", "layer3"), "backbone stages whose features are used")
+    resize: int = _option(256, "images are resized to resize x resize ...")
+    image_size: int = _option(224, "... then center-cropped to image_size x image_size")
+    patch_size: int = _option(3, "neighbourhood of the local feature aggregation")
+    embedding_dim: int = _option(1024, "dimension of the patch features")
+    coreset_ratio: float = _option(0.25, "fraction of training patches kept in the memory bank, in (0, 1]")
+    projection_dim: int = _option(128, "random projection used to choose the coreset")
+    k: int = _option(1, "nearest neighbours for scoring; k > 1 adds the paper's image-score reweighting (Eq. 7)")
+    blur_sigma: float = _option(4.0, "Gaussian smoothing of the anomaly maps, in pixels")
+    seed: int = _option(0, "seed of the random projection, coreset start points and random weights")
+
+    def validate(self) -> None:
+        """Raise UserError for settings that cannot work."""
+        if self.backbone not in BACKBONES:
+            raise UserError(f"unknown backbone '{self.backbone}': choose one of {', '.join(BACKBONES)}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise UserError(f"--coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        bad_layers = [name for name in self.layers if name not in ("layer1", "layer2", "layer3", "layer4")]
+        if bad_layers or not self.layers:
+            raise UserError(f"--layers takes names from layer1..layer4, got {' '.join(self.layers)}")
+        if not 0 < self.image_size <= self.resize:
+            raise UserError(f"--image_size ({self.image_size}) must be positive and at most --resize ({self.resize})")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise UserError(f"--patch_size must be odd and positive, got {self.patch_size}")
+        for name in ("embedding_dim", "projection_dim", "k"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.blur_sigma < 0:
+            raise UserError(f"--blur_sigma must be >= 0, got {self.blur_sigma}")
+
+
+@dataclass
+class RunConfig:
+    """Where the data and checkpoints are and how to run; not part of the model."""
+
+    data_path: str | None = _option(None, f"MVTec-layout data root (default: ${DATA_PATH_ENV}, then {DEFAULT_DATA_PATH})")
+    category: str = _option("all", "a category folder name, or 'all' for every folder with train/good")
+    checkpoint_dir: str = _option("checkpoints", "where the memory banks are")
+    device: str = _option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    batch_size: int = _option(32, "images per batch")
+    num_workers: int = _option(min(4, os.cpu_count() or 1), "image-decoding worker processes")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"unknown --device '{self.device}': use auto, cpu or cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} asked for, but CUDA is not available here: use --device cpu")
+        return device
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """train.py's run settings."""
+
+    skip_existing: bool = _option(False, "skip categories whose checkpoint is valid and made with the same settings")
+
+    def resolved_data_path(self) -> str:
+        """--data_path, else the environment variable, else the default."""
+        return self.data_path or os.environ.get(DATA_PATH_ENV) or DEFAULT_DATA_PATH
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    """evaluate.py's run settings (the data path defaults to the one stored in the checkpoint)."""
+
+    results_dir: str = _option("results", "where summary.json, plots and maps go")
+    max_maps: int = _option(10, "anomaly-map pictures per category: this many highest-scored good and "
+                                "lowest-scored defective images; 0 writes every test image")
+    no_plots: bool = _option(False, "skip all pictures (plots and maps)")
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one --flag per dataclass field, with the field's default and help."""
+    hints = get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        flag, default, help_text = f"--{f.name}", f.default, f.metadata["help"]
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif hint == tuple[str, ...]:
+            parser.add_argument(flag, nargs="+", default=list(default), help=f"{help_text} (default: {' '.join(default)})")
+        else:
+            kind = {int: int, float: float}.get(hint, str)
+            shown = "" if default is None else f" (default: {default})"
+            parser.add_argument(flag, type=kind, default=default, help=help_text + shown)
+
+
+def from_arguments(config_class: type, args: argparse.Namespace) -> Any:
+    """Build a dataclass from the parsed flags that add_arguments made for it."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a CLI entry point: user errors become one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints and results written so far are complete; nothing half-written was kept",
+              file=sys.stderr)
+        sys.exit(130)
