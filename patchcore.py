@@ -1,0 +1,338 @@
+"""PatchCore (Roth et al., CVPR 2022): patch embedding, greedy coreset memory bank, k-NN scores and anomaly maps."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import platform
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from atomic import atomic_write
+from backbone import FeatureExtractor
+from config import PatchCoreConfig, UserError
+
+CHECKPOINT_FORMAT = "patchcore-memory-bank"
+CHECKPOINT_VERSION = 1
+
+
+def _adaptive_bins(in_len: int, out_len: int) -> list[tuple[int, int]]:
+    """The input range [start, end) that adaptive_avg_pool1d averages for each output."""
+    return [((i * in_len) // out_len, -(-((i + 1) * in_len) // out_len)) for i in range(out_len)]
+
+
+class PatchEmbedding(nn.Module):
+    """Locally aware patch features, exactly as the PatchCore reference computes them, but directly.
+
+    The reference unfolds every p x p neighbourhood of each layer (zero padding), upsamples the deeper
+    layers' patches bilinearly to the first layer's grid, adaptive-average-pools each flattened C*p*p patch
+    to ``dim``, stacks the layers and pools the stack to ``dim`` again. That is one fixed linear map in
+    which each output sums depthwise p x p filters of one or two channels of a single layer. The filters
+    and channel indices are derived from the pooling bins once; the forward pass runs those depthwise
+    convolutions at each layer's own resolution, gathers the channels each output needs, upsamples and
+    adds — the C*p*p patch tensors are never built.
+    """
+
+    def __init__(self, channels: tuple[int, ...], patch_size: int, dim: int):
+        super().__init__()
+        self.patch_size, self.dim = patch_size, dim
+        self.output_ranges: list[tuple[int, int]] = []
+        self.ragged: list[bool] = []
+        stack_bins = _adaptive_bins(len(channels) * dim, dim)
+        for layer, num_channels in enumerate(channels):
+            kernels, index, weight, span = self._layer_map(layer, num_channels, stack_bins)
+            self.register_buffer(f"kernels{layer}", kernels.repeat(num_channels, 1, 1, 1))
+            self.register_buffer(f"index{layer}", index)
+            self.register_buffer(f"weight{layer}", weight)
+            self.output_ranges.append(span)
+            self.ragged.append(not bool(weight.all()))
+
+    def _layer_map(self, layer: int, num_channels: int, stack_bins: list[tuple[int, int]]):
+        """Filters, gather indices and term weights of one layer's share of the reference's pooling."""
+        area, dim = self.patch_size**2, self.dim
+        patch_bins = _adaptive_bins(num_channels * area, dim)
+        terms: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0] * area))
+        for out, (start, end) in enumerate(stack_bins):
+            for stacked in range(start, end):
+                if stacked // dim != layer:
+                    continue
+                p_start, p_end = patch_bins[stacked % dim]
+                for flat in range(p_start, p_end):
+                    channel, position = divmod(flat, area)
+                    terms[out][channel][position] += 1.0 / ((end - start) * (p_end - p_start))
+        outputs = sorted(terms)
+        kernel_ids: dict[tuple[float, ...], int] = {}
+        per_output = [[(channel, kernel_ids.setdefault(tuple(round(w, 12) for w in row), len(kernel_ids)))
+                       for channel, row in terms[out].items()] for out in outputs]
+        num_kernels = len(kernel_ids)
+        width = max(len(t) for t in per_output)
+        index = torch.zeros(len(outputs), width, dtype=torch.long)
+        weight = torch.zeros(len(outputs), width)
+        for row, pairs in enumerate(per_output):
+            for column, (channel, kernel) in enumerate(pairs):
+                index[row, column] = channel * num_kernels + kernel
+                weight[row, column] = 1.0
+        kernels = torch.tensor(list(kernel_ids), dtype=torch.float32).view(num_kernels, 1, self.patch_size, self.patch_size)
+        return kernels, index, weight, (outputs[0], outputs[-1] + 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone maps (B, C_l, h_l, w_l) -> patch features (B, h_0, w_0, dim)."""
+        batch, _, height, width = maps[0].shape
+        out = maps[0].new_zeros(batch, self.dim, height, width, dtype=self.kernels0.dtype)
+        for layer, x in enumerate(maps):
+            kernels, index, weight = (getattr(self, f"{name}{layer}") for name in ("kernels", "index", "weight"))
+            local = F.conv2d(x.to(kernels.dtype), kernels, padding=self.patch_size // 2, groups=x.shape[1])
+            gathered = local.index_select(1, index.flatten()).unflatten(1, index.shape)
+            features = (gathered * weight[..., None, None]).sum(2) if self.ragged[layer] else gathered.sum(2)
+            if features.shape[-2:] != (height, width):
+                features = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
+            start, end = self.output_ranges[layer]
+            out[:, start:end] += features
+        return out.permute(0, 2, 3, 1)
+
+
+def greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
+                   num_starts: int = 10, progress: bool = True) -> torch.Tensor:
+    """Indices of the reference's approximate greedy k-center coreset, chosen on a seeded random projection.
+
+    As in the reference: the first centre is the point farthest (by mean distance) from ``num_starts`` random
+    points; each next one is the point farthest from all centres chosen so far. Every point's distance to its
+    nearest centre is kept and updated with one matrix-vector product per pick (no N x N matrix), on the
+    features' device. The picks equal plain greedy k-center on the same projection and start points.
+    """
+    num_points = len(features)
+    count = max(1, int(num_points * ratio))
+    if count >= num_points:
+        return torch.arange(num_points, device=features.device)
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(features.shape[1], projection_dim, generator=generator, dtype=features.dtype)
+    starts = torch.randint(num_points, (num_starts,), generator=generator)
+    points = features @ projection.to(features.device)
+    squared_norms = points.square().sum(1)
+    nearest = torch.cdist(points, points[starts.to(features.device)]).mean(1).square()
+    columns = points.T.contiguous()  # (projection_dim, N): the per-pick product streams memory in order
+    picks = torch.empty(count, dtype=torch.long, device=features.device)
+    distances = torch.empty_like(nearest)
+    for i in tqdm(range(count), desc="coreset", unit="pick", disable=not progress, mininterval=1.0):
+        pick = nearest.argmax()
+        picks[i] = pick
+        torch.addmv(squared_norms, columns.T, columns[:, pick], alpha=-2, out=distances)
+        distances += squared_norms[pick]
+        torch.minimum(nearest, distances, out=nearest)
+    return picks
+
+
+class NearestNeighbours:
+    """Exact L2 nearest neighbours in the memory bank: a faiss flat index (on the GPU with faiss-gpu),
+    or a chunked torch search on a GPU when faiss has no GPU support."""
+
+    def __init__(self, bank: torch.Tensor):
+        self.bank = bank.float().contiguous()
+        dim = self.bank.shape[1]
+        if self.bank.device.type == "cpu":
+            self.index = faiss.IndexFlatL2(dim)
+        elif hasattr(faiss, "StandardGpuResources"):
+            self.resources = faiss.StandardGpuResources()
+            config = faiss.GpuIndexFlatConfig()
+            config.device = self.bank.device.index or 0
+            self.index = faiss.GpuIndexFlatL2(self.resources, dim, config)
+        else:
+            self.index = None
+            self.bank_norms = self.bank.square().sum(1)
+        if self.index is not None:
+            self.index.add(self.bank)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances (M, k) and bank indices (M, k) of each query's k nearest bank entries."""
+        queries = queries.float().contiguous()
+        if self.index is not None:
+            squared, indices = self.index.search(queries, k)
+        else:
+            squared, indices = self._torch_search(queries, k)
+        return squared.clamp_min(0).sqrt(), indices
+
+    def _torch_search(self, queries: torch.Tensor, k: int, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+        results = [
+            torch.addmm(self.bank_norms, part, self.bank.T, alpha=-2).add_(part.square().sum(1, keepdim=True))
+            .topk(k, dim=1, largest=False)
+            for part in queries.split(chunk)
+        ]
+        return torch.cat([r.values for r in results]), torch.cat([r.indices for r in results])
+
+
+def _upsampling_matrix(source: int, target: int) -> torch.Tensor:
+    """(target, source) matrix of 1-D linear interpolation, F.interpolate(mode="linear", align_corners=False)."""
+    identity = torch.eye(source, dtype=torch.float64)[None]
+    return F.interpolate(identity, size=target, mode="linear", align_corners=False)[0].T
+
+
+def _gaussian_matrix(size: int, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """(size, size) matrix of scipy.ndimage.gaussian_filter1d(x, sigma) (mode 'reflect', truncate 4)."""
+    if sigma <= 0:
+        return torch.eye(size, dtype=torch.float64)
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1)
+    weights = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
+    positions = (torch.arange(size)[:, None] + offsets) % (2 * size)
+    positions = torch.where(positions < size, positions, 2 * size - 1 - positions)  # half-sample symmetric
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    return matrix.scatter_add_(1, positions, (weights / weights.sum()).expand(size, -1))
+
+
+@functools.lru_cache(maxsize=8)
+def _map_operator(source: int, size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return (_gaussian_matrix(size, sigma) @ _upsampling_matrix(source, size)).to(device, dtype)
+
+
+def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Patch scores (B, h, w) -> maps (B, size, size): bilinear upsampling then Gaussian smoothing, as the
+    reference does with F.interpolate and scipy.ndimage.gaussian_filter. Both are separable linear maps, so
+    they are folded into one small matrix per axis and applied as two batched products on the scores' device."""
+    _, height, width = patch_scores.shape
+    rows = _map_operator(height, size, sigma, patch_scores.device, patch_scores.dtype)
+    columns = _map_operator(width, size, sigma, patch_scores.device, patch_scores.dtype)
+    return rows @ patch_scores @ columns.T
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PatchCore:
+    """A memory bank of nominal patch features and the scoring against it, for one category."""
+
+    def __init__(self, config: PatchCoreConfig, device: torch.device, extractor: FeatureExtractor | None = None):
+        config.validate()
+        self.config, self.device = config, device
+        if extractor is None:
+            torch.manual_seed(config.seed)  # makes --weights none reproducible
+            extractor = FeatureExtractor(config.backbone, config.weights, config.layers)
+            extractor = extractor.to(device, memory_format=torch.channels_last)
+        self.extractor = extractor
+        self.embedding = PatchEmbedding(extractor.channels, config.patch_size, config.embedding_dim).to(device)
+        self.memory_bank: torch.Tensor | None = None
+        self.neighbours: NearestNeighbours | None = None
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> patch features (B, h, w, D), float32 on the model's device."""
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            maps = self.extractor(images)
+        return self.embedding([m.float() for m in maps])
+
+    @torch.inference_mode()
+    def fit(self, loader: DataLoader) -> dict:
+        """Build the memory bank from nominal training images; returns seconds per stage and sizes."""
+        start = time.perf_counter()
+        features, filled = None, 0
+        for batch in tqdm(loader, desc="features", unit="batch"):
+            embedded = self.embed(batch["image"])
+            patches = embedded.flatten(0, 2)
+            if features is None:  # one allocation for the whole set: no concatenation copy
+                grid = list(embedded.shape[1:3])
+                features = torch.empty(len(loader.dataset) * grid[0] * grid[1], patches.shape[1], device=self.device)
+            features[filled:filled + len(patches)] = patches
+            filled += len(patches)
+        _sync(self.device)
+        features_s = time.perf_counter() - start
+        start = time.perf_counter()
+        picks = greedy_coreset(features, self.config.coreset_ratio, self.config.projection_dim, self.config.seed)
+        self.set_memory_bank(features[picks].clone())
+        _sync(self.device)
+        return {"features_s": features_s, "coreset_s": time.perf_counter() - start,
+                "num_patches": filled, "memory_bank_size": len(picks), "feature_grid": grid}
+
+    def set_memory_bank(self, bank: torch.Tensor) -> None:
+        self.memory_bank = bank.to(self.device).float()
+        self.neighbours = NearestNeighbours(self.memory_bank)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and anomaly maps (B, S, S), both on the model's device."""
+        if self.neighbours is None:
+            raise RuntimeError("PatchCore.predict needs a memory bank: call fit() or load a checkpoint")
+        features = self.embed(images)
+        batch, height, width, dim = features.shape
+        distances, nearest = self.neighbours.search(features.reshape(-1, dim), self.config.k)
+        patch_scores = distances[:, 0].reshape(batch, height * width)
+        image_scores = patch_scores.max(1).values
+        if self.config.k > 1:
+            image_scores = self._reweight(features.reshape(batch, -1, dim), patch_scores, nearest[:, 0].view(batch, -1))
+        maps = anomaly_maps(patch_scores.view(batch, height, width), self.config.image_size, self.config.blur_sigma)
+        return image_scores, maps
+
+    def _reweight(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """The paper's Eq. 7: damp the maximal patch score s* when the bank entry m* nearest to that test
+        patch lies in a dense bank region, s = (1 - exp(s*) / sum over the k nearest bank entries m of m*
+        of exp(||m_test* - m||)) * s*."""
+        rows = torch.arange(len(features), device=features.device)
+        worst = patch_scores.argmax(1)
+        test_patch = features[rows, worst]
+        anchor = self.memory_bank[nearest[rows, worst]]
+        _, neighbourhood = self.neighbours.search(anchor, self.config.k)
+        distances = (test_patch[:, None] - self.memory_bank[neighbourhood]).norm(dim=-1)
+        s_star = patch_scores[rows, worst]
+        return (1 - torch.exp(s_star - torch.logsumexp(distances, dim=1))) * s_star
+
+    def save(self, path: str | Path, **metadata) -> Path:
+        """Write the memory bank, the complete config and ``metadata`` atomically."""
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": dataclasses.asdict(self.config),
+            "memory_bank": self.memory_bank.cpu(),
+            "weights_digest": self.extractor.weights_digest,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
+                         "torchvision": str(torchvision.__version__), "faiss": str(faiss.__version__)},
+            **metadata,
+        }
+        return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device) -> tuple["PatchCore", dict]:
+        """A model ready to predict, and the checkpoint's contents; UserError for damaged or foreign files."""
+        checkpoint = read_checkpoint(path)
+        config = PatchCoreConfig(**{**checkpoint["config"], "layers": tuple(checkpoint["config"]["layers"])})
+        model = cls(config, device)
+        if model.extractor.weights_digest != checkpoint["weights_digest"]:
+            raise UserError(f"checkpoint '{path}' was built with other backbone weights than '{config.weights}' "
+                            f"gives here: retrain with train.py, or restore those weights")
+        model.set_memory_bank(checkpoint["memory_bank"])
+        return model, checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a checkpoint file, validated; UserError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint '{path}': run train.py for this category first")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle of foreign objects, not a torch file at all
+        raise UserError(f"checkpoint '{path}' is damaged or not a PatchCore checkpoint ({type(err).__name__}): "
+                        f"retrain with train.py") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is not a PatchCore checkpoint: retrain with train.py")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint '{path}' has format version {checkpoint.get('version')}, this code reads "
+                        f"{CHECKPOINT_VERSION}: retrain with train.py")
+    field_names = {f.name for f in dataclasses.fields(PatchCoreConfig)}
+    bank = checkpoint.get("memory_bank")
+    if (not isinstance(checkpoint.get("config"), dict) or set(checkpoint["config"]) != field_names
+            or not isinstance(bank, torch.Tensor) or bank.ndim != 2
+            or bank.shape[1] != checkpoint["config"]["embedding_dim"] or "weights_digest" not in checkpoint):
+        raise UserError(f"checkpoint '{path}' is incomplete or from another version: retrain with train.py")
+    return checkpoint
