@@ -1,0 +1,169 @@
+"""Score each trained category's test set: python evaluate.py [--category bottle] -> results/summary.json, plots, maps."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import metrics
+import plots
+from atomic import atomic_write_text
+from config import EvalConfig, UserError, add_arguments, from_arguments, run_cli
+from dataset import MVTecDataset, denormalize, make_loader
+from patchcore import PatchCore
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Everything evaluate.py computes on one category's test set, in file order."""
+
+    dataset: MVTecDataset
+    scores: np.ndarray  # (N,) image scores
+    maps: np.ndarray  # (N, S, S) anomaly maps
+    masks: np.ndarray  # (N, S, S) bool ground truth
+    labels: np.ndarray  # (N,) 0 good, 1 defective
+    has_masks: bool  # every defective image has a mask
+    seconds: float
+
+
+def predict(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, category: str) -> Predictions:
+    """Run the model over the test set (decode, features, k-NN, maps), timing the whole loop."""
+    n, size = len(dataset), model.config.image_size
+    scores, labels = np.empty(n, np.float32), np.empty(n, np.int64)
+    maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
+    has_mask = np.empty(n, bool)
+    start = time.perf_counter()
+    for batch in tqdm(make_loader(dataset, run.batch_size, run.num_workers, model.device), desc=f"{category} scoring",
+                      unit="batch"):
+        index = batch["index"].numpy()
+        image_scores, anomaly_maps = model.predict(batch["image"])
+        scores[index], maps[index] = image_scores.cpu().numpy(), anomaly_maps.cpu().numpy()
+        masks[index], labels[index], has_mask[index] = batch["mask"].numpy(), batch["label"].numpy(), batch["has_mask"].numpy()
+    return Predictions(dataset, scores, maps, masks, labels, bool(has_mask.all()), time.perf_counter() - start)
+
+
+def category_metrics(p: Predictions, category: str) -> dict:
+    """Image AUROC and F1-max; pixel AUROC and PRO where every defective image has a mask."""
+    if len(set(p.labels.tolist())) < 2:
+        raise UserError(f"the test set of '{category}' needs good and defective images to compute AUROC")
+    f1, threshold = metrics.f1_max(p.labels, p.scores)
+    result = {"image_auroc": metrics.image_auroc(p.labels, p.scores), "pixel_auroc": None, "pro": None,
+              "image_f1_max": f1, "image_threshold": threshold}
+    if p.has_masks and p.masks.any():
+        result.update(pixel_auroc=metrics.pixel_auroc(p.masks, p.maps), pro=metrics.pro_score(p.masks, p.maps))
+    else:
+        print(f"warning: {category}: some defective test images have no ground-truth mask; pixel metrics are "
+              f"reported as null", file=sys.stderr)
+    return result
+
+
+def write_scores_csv(p: Predictions, path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "defect_type", "label", "score"])
+    for sample, score in zip(p.dataset.samples, p.scores):
+        writer.writerow([str(sample.path), sample.defect_type, sample.label, f"{score:.6f}"])
+    atomic_write_text(path, text.getvalue())
+
+
+def write_maps(p: Predictions, folder: Path, max_maps: int, image_threshold: float) -> int:
+    """One four-panel picture per selected test image, on a colour scale shared within the category."""
+    pixel_threshold = metrics.optimal_pixel_threshold(p.masks, p.maps) if p.has_masks and p.masks.any() else None
+    vmin, vmax = float(p.maps.min()), float(p.maps.max())
+    chosen = plots.select_map_indices(p.labels, p.scores, max_maps or None)
+    for i in tqdm(chosen, desc="maps", unit="map"):
+        sample = p.dataset.samples[i]
+        plots.save_anomaly_map_figure(
+            folder / f"{sample.defect_type}_{sample.path.stem}.png",
+            image=denormalize(p.dataset[i]["image"]),
+            mask=p.masks[i] if sample.mask_path is not None else None,
+            anomaly_map=p.maps[i], vmin=vmin, vmax=vmax,
+            threshold=pixel_threshold if pixel_threshold is not None else image_threshold,
+            title=f"{sample.defect_type}/{sample.path.name}   score {p.scores[i]:.3f}",
+        )
+    return len(chosen)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def markdown_table(results: dict[str, dict], mean: dict) -> str:
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| Category | Image AUROC | Pixel AUROC | PRO | Image F1-max | Test images | Images/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in [*results.items(), ("**mean**", mean)]:
+        lines.append(f"| {name} | {cell(r['image_auroc'])} | {cell(r['pixel_auroc'])} | {cell(r['pro'])} | "
+                     f"{cell(r['image_f1_max'])} | {r['test_images']} | {r['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def evaluate(run: EvalConfig) -> dict:
+    device = run.resolved_device()
+    checkpoint_dir, results_dir = Path(run.checkpoint_dir), Path(run.results_dir)
+    if run.category == "all":
+        paths = sorted(checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
+        if not paths:
+            raise UserError(f"no checkpoints (*.pt) in '{checkpoint_dir}': run train.py first")
+    else:
+        paths = [checkpoint_dir / f"{run.category}.pt"]
+    results, curves, start = {}, {}, time.perf_counter()
+    for path in paths:
+        model, checkpoint = PatchCore.load(path, device)
+        category = checkpoint["category"]
+        dataset = MVTecDataset(run.data_path or checkpoint["data_path"], category, "test",
+                               model.config.resize, model.config.image_size)
+        p = predict(model, dataset, run, category)
+        metric_start = time.perf_counter()
+        result = category_metrics(p, category)
+        result.update(test_images=len(dataset), defective_images=int(p.labels.sum()),
+                      images_per_s=len(dataset) / p.seconds, inference_s=p.seconds,
+                      metrics_s=time.perf_counter() - metric_start)
+        write_scores_csv(p, results_dir / category / "scores.csv")
+        if not run.no_plots:
+            result["maps_written"] = write_maps(p, results_dir / category / "maps", run.max_maps, result["image_threshold"])
+        result.update(checkpoint=str(path), config=checkpoint["config"], trained={
+            key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings", "created", "device")})
+        results[category] = result
+        curves[category] = (p.labels, p.scores, result["image_threshold"])
+        print(f"[{category}] image AUROC {result['image_auroc']:.4f}, pixel AUROC "
+              f"{result['pixel_auroc'] if result['pixel_auroc'] is None else round(result['pixel_auroc'], 4)}, "
+              f"{result['images_per_s']:.1f} images/s")
+    keys = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "images_per_s")
+    mean = {key: _mean([r[key] for r in results.values()]) for key in keys}
+    mean["test_images"] = sum(r["test_images"] for r in results.values())
+    summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "run_config": dataclasses.asdict(run), "categories": results, "mean": mean}
+    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if not run.no_plots:
+        plots.plot_performance_bars(results, results_dir / "performance_bars.png")
+        plots.plot_roc_curves({c: curve[:2] for c, curve in curves.items()}, results_dir / "roc_curves.png")
+        plots.plot_score_distributions(curves, results_dir / "score_distributions.png")
+    print(markdown_table(results, mean))
+    print(f"evaluated {len(results)} categories, {mean['test_images']} test images in "
+          f"{time.perf_counter() - start:.1f} s -> {results_dir / 'summary.json'}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser, EvalConfig)
+    evaluate(from_arguments(EvalConfig, parser.parse_args()))
+
+
+if __name__ == "__main__":
+    run_cli(main)
