@@ -41,7 +41,8 @@ def list_categories(root: str | Path) -> list[str]:
     return categories
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
@@ -67,7 +68,7 @@ def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     samples = [
         Sample(path, defect_type, None if defect_type == GOOD else _mask_for(folder / "ground_truth", defect_type, path))
         for defect_type in types
-        for path in _images_in(split_dir / defect_type)
+        for path in images_in(split_dir / defect_type)
     ]
     if not samples:
         raise UserError(f"no images found in '{split_dir}' (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

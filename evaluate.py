@@ -58,9 +58,10 @@ def category_metrics(p: Predictions, category: str) -> dict:
         raise UserError(f"the test set of '{category}' needs good and defective images to compute AUROC")
     f1, threshold = metrics.f1_max(p.labels, p.scores)
     result = {"image_auroc": metrics.image_auroc(p.labels, p.scores), "pixel_auroc": None, "pro": None,
-              "image_f1_max": f1, "image_threshold": threshold}
+              "image_f1_max": f1, "image_threshold": threshold, "pixel_threshold": None}
     if p.has_masks and p.masks.any():
-        result.update(pixel_auroc=metrics.pixel_auroc(p.masks, p.maps), pro=metrics.pro_score(p.masks, p.maps))
+        result.update(pixel_auroc=metrics.pixel_auroc(p.masks, p.maps), pro=metrics.pro_score(p.masks, p.maps),
+                      pixel_threshold=metrics.optimal_pixel_threshold(p.masks, p.maps))
     else:
         print(f"warning: {category}: some defective test images have no ground-truth mask; pixel metrics are "
               f"reported as null", file=sys.stderr)
@@ -76,9 +77,8 @@ def write_scores_csv(p: Predictions, path: Path) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-def write_maps(p: Predictions, folder: Path, max_maps: int, image_threshold: float) -> int:
+def write_maps(p: Predictions, folder: Path, max_maps: int, threshold: float) -> int:
     """One four-panel picture per selected test image, on a colour scale shared within the category."""
-    pixel_threshold = metrics.optimal_pixel_threshold(p.masks, p.maps) if p.has_masks and p.masks.any() else None
     vmin, vmax = float(p.maps.min()), float(p.maps.max())
     chosen = plots.select_map_indices(p.labels, p.scores, max_maps or None)
     for i in tqdm(chosen, desc="maps", unit="map"):
@@ -88,7 +88,7 @@ def write_maps(p: Predictions, folder: Path, max_maps: int, image_threshold: flo
             image=denormalize(p.dataset[i]["image"]),
             mask=p.masks[i] if sample.mask_path is not None else None,
             anomaly_map=p.maps[i], vmin=vmin, vmax=vmax,
-            threshold=pixel_threshold if pixel_threshold is not None else image_threshold,
+            threshold=threshold,
             title=f"{sample.defect_type}/{sample.path.name}   score {p.scores[i]:.3f}",
         )
     return len(chosen)
@@ -134,10 +134,12 @@ def evaluate(run: EvalConfig) -> dict:
                       metrics_s=time.perf_counter() - metric_start)
         write_scores_csv(p, results_dir / category / "scores.csv")
         if not run.no_plots:
-            result["maps_written"] = write_maps(p, results_dir / category / "maps", run.max_maps, result["image_threshold"])
+            threshold = result["pixel_threshold"] if result["pixel_threshold"] is not None else result["image_threshold"]
+            result["maps_written"] = write_maps(p, results_dir / category / "maps", run.max_maps, threshold)
         result.update(checkpoint=str(path), config=checkpoint["config"], trained={
             key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings", "created", "device")})
         results[category] = result
+        atomic_write_text(results_dir / category / "metrics.json", json.dumps(result, indent=2) + "\n")
         curves[category] = (p.labels, p.scores, result["image_threshold"])
         print(f"[{category}] image AUROC {result['image_auroc']:.4f}, pixel AUROC "
               f"{result['pixel_auroc'] if result['pixel_auroc'] is None else round(result['pixel_auroc'], 4)}, "

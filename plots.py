@@ -169,20 +169,26 @@ def plot_score_distributions(scores: dict[str, tuple[np.ndarray, np.ndarray, flo
     fig, axes = plt.subplots(rows, columns, figsize=_grid_figsize(len(scores)), layout="constrained",
                              squeeze=False)
     for ax, (category, (labels, image_scores, threshold)) in zip(axes.flat, scores.items()):
-        labels = np.asarray(labels).astype(bool)
-        image_scores = np.asarray(image_scores, dtype=float)
-        bins = np.histogram_bin_edges(np.append(image_scores, threshold), bins=20)
-        ax.hist(image_scores[~labels], bins=bins, color="tab:blue", alpha=0.6, label="good")
-        ax.hist(image_scores[labels], bins=bins, color="tab:red", alpha=0.6, label="defective")
-        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label="F1-optimal threshold")
-        ax.set(title=category, xlabel="image score", ylabel="images")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        draw_score_histogram(ax, labels, image_scores, threshold)
+        ax.set_title(category)
     for ax in axes.flat[len(scores):]:
         ax.set_visible(False)
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=3)
+    fig.legend(handles, names, loc="outside lower center", ncol=3 if len(scores) > 2 else 1)
     fig.suptitle("Image score distributions")
     return _save(fig, path)
+
+
+def draw_score_histogram(ax: plt.Axes, labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+    """Overlaid histograms of good and defective image scores on ``ax``, the threshold as a dashed line."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=float)
+    bins = np.histogram_bin_edges(np.append(scores, threshold), bins=20)
+    ax.hist(scores[~labels], bins=bins, color="tab:blue", alpha=0.6, label="good")
+    ax.hist(scores[labels], bins=bins, color="tab:red", alpha=0.6, label="defective")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label="F1-optimal threshold")
+    ax.set(xlabel="image score", ylabel="images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _contour(ax: plt.Axes, region: np.ndarray, **style) -> None:
