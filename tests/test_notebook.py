@@ -1,0 +1,143 @@
+"""visualization.ipynb: committed clean, and runs headless against a checkpoint trained here on a tiny data set."""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "visualization.ipynb"
+CELL_TIMEOUT_S = 120
+PARAMETERS = {"CHECKPOINT_DIR": "checkpoints", "RESULTS_DIR": "results", "CATEGORY": "bottle", "IMAGES": None,
+              "MAX_IMAGES": 4, "DEVICE": "cpu"}
+# Appended to the executed copy only: what the notebook chose and computed, as one JSON line.
+REPORT = 'print(json.dumps({"paths": [str(p) for p in paths], "scores": scores.tolist(), "threshold": threshold}))'
+
+
+def _parameter_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
+    return tagged[0]
+
+
+def _texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Bluish stripes with random phase and mild noise, (size, size, 3) in [0, 1]."""
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    value = 0.5 + 0.2 * np.sin(2 * np.pi * (0.87 * x + 0.5 * y) / 10 + rng.uniform(0, 2 * np.pi))
+    value = np.clip(value + rng.normal(0, 0.02, (size, size)), 0, 1)
+    return np.stack([0.55 * value + 0.1, 0.65 * value + 0.15, 0.8 * value + 0.15], axis=-1)
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def _make_tiles(root: Path) -> None:
+    """root/tiles in MVTec layout: 8 train/good, test/good 2, test/blob 2 with ground_truth/blob/<name>_mask.png."""
+    rng, folder = np.random.default_rng(7), root / "tiles"
+    for i in range(8):
+        _save(_texture(rng), folder / "train" / "good" / f"{i:03d}.png")
+    for i in range(2):
+        _save(_texture(rng), folder / "test" / "good" / f"{i:03d}.png")
+        y, x = np.mgrid[0:64, 0:64]
+        mask = (y - 28 - 6 * i) ** 2 + (x - 34) ** 2 <= 49
+        image = _texture(rng)
+        image[mask] = (1.0, 0.1, 0.0)
+        _save(image, folder / "test" / "blob" / f"{i:03d}.png")
+        _save(mask.astype(float), folder / "ground_truth" / "blob" / f"{i:03d}_mask.png")
+
+
+def _run(script: str, *args: Path | str, cwd: Path) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """'tiles' trained with train.py and scored with evaluate.py (scores.csv and summary.json exist)."""
+    work = tmp_path_factory.mktemp("notebook")
+    data, checkpoints, results = work / "mvtec", work / "checkpoints", work / "results"
+    _make_tiles(data)
+    _run("train.py", "--data_path", data, "--category", "tiles", "--backbone", "resnet18", "--weights", "none",
+         "--resize", "72", "--image_size", "64", "--coreset_ratio", "0.1", "--batch_size", "8", "--num_workers", "0",
+         "--checkpoint_dir", checkpoints, cwd=work)
+    _run("evaluate.py", "--checkpoint_dir", checkpoints, "--results_dir", results, "--num_workers", "0",
+         "--max_maps", "1", cwd=work)
+    assert (results / "tiles" / "scores.csv").is_file() and (results / "summary.json").is_file()
+    return {"data": data, "checkpoints": checkpoints, "results": results}
+
+
+def _execute(**parameters: object) -> tuple[nbformat.NotebookNode, dict]:
+    """Run the notebook as committed, with its parameters cell replaced, from the repository root."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    _parameter_cell(nb).source = "\n".join(f"{name} = {value!r}" for name, value in {**PARAMETERS, **parameters}.items())
+    nb.cells.append(nbformat.v4.new_code_cell(REPORT))
+    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()  # raises CellExecutionError on any error
+    report = json.loads("".join(o["text"] for o in nb.cells[-1].outputs if o.get("name") == "stdout"))
+    return nb, report
+
+
+def _outputs(nb: nbformat.NotebookNode, name: str) -> str:
+    return "".join(o["text"] for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == name)
+
+
+def _figures(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_committed_notebook_is_clean() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3" and nb.metadata.kernelspec.language == "python"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code), "clear the notebook's outputs before committing"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    cell = _parameter_cell(nb)
+    assert cell is code[0], "the parameters cell must be the first code cell"
+    statements = ast.parse(cell.source).body
+    assert all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+               for s in statements), "the parameters cell holds plain assignments only"
+    assert {s.targets[0].id: ast.literal_eval(s.value) for s in statements} == PARAMETERS
+
+
+def test_notebook_on_test_images(evaluated: dict[str, Path]) -> None:
+    nb, report = _execute(CHECKPOINT_DIR=str(evaluated["checkpoints"]), RESULTS_DIR=str(evaluated["results"]),
+                          CATEGORY="tiles")
+    summary = json.loads((evaluated["results"] / "summary.json").read_text())
+    assert report["threshold"] == summary["categories"]["tiles"]["image_threshold"]
+    chosen = [Path(p) for p in report["paths"]]
+    test_dir = evaluated["data"] / "tiles" / "test"
+    assert chosen == [test_dir / "blob" / "000.png", test_dir / "blob" / "001.png", test_dir / "good" / "000.png"]
+    assert len(report["scores"]) == 3 and np.isfinite(report["scores"]).all()
+    assert _figures(nb) == 2, "anomaly maps and score distribution"
+    assert "not known yet" not in _outputs(nb, "stdout")
+    assert _outputs(nb, "stderr") == "", "the notebook printed warnings"
+
+
+def test_notebook_on_own_images_without_results(evaluated: dict[str, Path], tmp_path: Path) -> None:
+    mine = tmp_path / "my images"
+    mine.mkdir()
+    for source, name in (("blob/000.png", "a.png"), ("good/001.png", "b.PNG")):
+        shutil.copy(evaluated["data"] / "tiles" / "test" / source, mine / name)
+    (mine / "notes.txt").write_text("not an image")
+    no_results = tmp_path / "results"
+    nb, report = _execute(CHECKPOINT_DIR=str(evaluated["checkpoints"]), RESULTS_DIR=str(no_results), CATEGORY="tiles",
+                          IMAGES=str(mine))
+    assert report["paths"] == [str(mine / "a.png"), str(mine / "b.PNG")] and report["threshold"] is None
+    stdout = _outputs(nb, "stdout")
+    assert "not known yet" in stdout and "run python evaluate.py --category tiles" in stdout
+    assert _figures(nb) == 1, "anomaly maps only"
+    assert _outputs(nb, "stderr") == "", "the notebook printed warnings"
+    assert not no_results.exists(), "the notebook must not create the results folder"
