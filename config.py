@@ -22,8 +22,9 @@ class UserError(Exception):
     """
 
     def __str__(self) -> str:
-        lines = super().__str__().strip().splitlines() or [""]
-        return lines[-1].removeprefix(f"{type(self).__name__}: ")
+        last_line = (super().__str__().strip().splitlines() or [""])[-1]
+        prefix, separator, message = last_line.partition(f"{type(self).__name__}: ")
+        return message if separator and " " not in prefix else last_line
 
 
 def _option(default: Any, help: str, **kwargs: Any) -> Any:

@@ -30,11 +30,15 @@ class Sample:
         return int(self.defect_type != GOOD)
 
 
+def _existing_root(root: str | Path) -> Path:
+    if not Path(root).is_dir():
+        raise UserError(f"data path '{root}' does not exist: pass --data_path or set $MVTEC_AD_PATH")
+    return Path(root)
+
+
 def list_categories(root: str | Path) -> list[str]:
     """Every subfolder of ``root`` that has train/good: the 15 MVTec names or a user's own."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data path '{root}' does not exist: pass --data_path or set $MVTEC_AD_PATH")
+    root = _existing_root(root)
     categories = sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
     if not categories:
         raise UserError(f"no category folder with train/good under '{root}': is it the MVTec AD root?")
@@ -56,7 +60,7 @@ def _mask_for(ground_truth: Path, defect_type: str, image: Path) -> Path | None:
 
 def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     """The images of one split ('train' or 'test'), with their defect type and mask file."""
-    folder = Path(root) / category
+    folder = _existing_root(root) / category
     if not folder.is_dir():
         raise UserError(f"category folder '{folder}' does not exist: check --data_path and --category")
     if not (folder / "train" / GOOD).is_dir():
@@ -71,7 +75,8 @@ def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
         for path in images_in(split_dir / defect_type)
     ]
     if not samples:
-        raise UserError(f"no images found in '{split_dir}' (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        where = split_dir / GOOD if split == "train" else split_dir
+        raise UserError(f"no images found in '{where}' (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return samples
 
 

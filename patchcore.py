@@ -105,10 +105,10 @@ def greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 1
                    num_starts: int = 10, progress: bool = True) -> torch.Tensor:
     """Indices of the reference's approximate greedy k-center coreset, chosen on a seeded random projection.
 
-    As in the reference: the first centre is the point farthest (by mean distance) from ``num_starts`` random
-    points; each next one is the point farthest from all centres chosen so far. Every point's distance to its
-    nearest centre is kept and updated with one matrix-vector product per pick (no N x N matrix), on the
-    features' device. The picks equal plain greedy k-center on the same projection and start points.
+    As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
+    each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
+    and the distance to the pick. The distances are updated with one matrix-vector product per pick (no N x N
+    matrix), on the features' device. The picks equal plain greedy k-center on the same projection and start.
     """
     num_points = len(features)
     count = max(1, int(num_points * ratio))
