@@ -4,15 +4,13 @@ from __future__ import annotations
 import ast
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
+from conftest import run_script
 from nbclient import NotebookClient
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "visualization.ipynb"
@@ -29,53 +27,16 @@ def _parameter_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return tagged[0]
 
 
-def _texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """Bluish stripes with random phase and mild noise, (size, size, 3) in [0, 1]."""
-    y, x = np.mgrid[0:size, 0:size].astype(float)
-    value = 0.5 + 0.2 * np.sin(2 * np.pi * (0.87 * x + 0.5 * y) / 10 + rng.uniform(0, 2 * np.pi))
-    value = np.clip(value + rng.normal(0, 0.02, (size, size)), 0, 1)
-    return np.stack([0.55 * value + 0.1, 0.65 * value + 0.15, 0.8 * value + 0.15], axis=-1)
-
-
-def _save(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
-def _make_tiles(root: Path) -> None:
-    """root/tiles in MVTec layout: 8 train/good, test/good 2, test/blob 2 with ground_truth/blob/<name>_mask.png."""
-    rng, folder = np.random.default_rng(7), root / "tiles"
-    for i in range(8):
-        _save(_texture(rng), folder / "train" / "good" / f"{i:03d}.png")
-    for i in range(2):
-        _save(_texture(rng), folder / "test" / "good" / f"{i:03d}.png")
-        y, x = np.mgrid[0:64, 0:64]
-        mask = (y - 28 - 6 * i) ** 2 + (x - 34) ** 2 <= 49
-        image = _texture(rng)
-        image[mask] = (1.0, 0.1, 0.0)
-        _save(image, folder / "test" / "blob" / f"{i:03d}.png")
-        _save(mask.astype(float), folder / "ground_truth" / "blob" / f"{i:03d}_mask.png")
-
-
-def _run(script: str, *args: Path | str, cwd: Path) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, timeout=180)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
-
-
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """'tiles' trained with train.py and scored with evaluate.py (scores.csv and summary.json exist)."""
+def evaluated(trained_tiles, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's trained 'tiles' scored with evaluate.py (scores.csv and metrics.json exist)."""
     work = tmp_path_factory.mktemp("notebook")
-    data, checkpoints, results = work / "mvtec", work / "checkpoints", work / "results"
-    _make_tiles(data)
-    _run("train.py", "--data_path", data, "--category", "tiles", "--backbone", "resnet18", "--weights", "none",
-         "--resize", "72", "--image_size", "64", "--coreset_ratio", "0.1", "--batch_size", "8", "--num_workers", "0",
-         "--checkpoint_dir", checkpoints, cwd=work)
-    _run("evaluate.py", "--checkpoint_dir", checkpoints, "--results_dir", results, "--num_workers", "0",
-         "--max_maps", "1", cwd=work)
-    assert (results / "tiles" / "scores.csv").is_file() and (results / "summary.json").is_file()
-    return {"data": data, "checkpoints": checkpoints, "results": results}
+    results = work / "results"
+    result = run_script("evaluate.py", "--checkpoint_dir", trained_tiles.checkpoint_dir, "--results_dir", results,
+                        "--num_workers", "0", "--max_maps", "1", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert (results / "tiles" / "scores.csv").is_file() and (results / "tiles" / "metrics.json").is_file()
+    return {"data": trained_tiles.data_root, "checkpoints": trained_tiles.checkpoint_dir, "results": results}
 
 
 def _execute(**parameters: object) -> tuple[nbformat.NotebookNode, dict]:
@@ -119,8 +80,9 @@ def test_notebook_on_test_images(evaluated: dict[str, Path]) -> None:
     assert report["threshold"] == summary["categories"]["tiles"]["image_threshold"]
     chosen = [Path(p) for p in report["paths"]]
     test_dir = evaluated["data"] / "tiles" / "test"
-    assert chosen == [test_dir / "blob" / "000.png", test_dir / "blob" / "001.png", test_dir / "good" / "000.png"]
-    assert len(report["scores"]) == 3 and np.isfinite(report["scores"]).all()
+    assert chosen == [test_dir / "blob" / "000.png", test_dir / "blob" / "004.png", test_dir / "scratch" / "002.png",
+                      test_dir / "good" / "000.png"]
+    assert len(report["scores"]) == 4 and np.isfinite(report["scores"]).all()
     assert _figures(nb) == 2, "anomaly maps and score distribution"
     assert "not known yet" not in _outputs(nb, "stdout")
     assert _outputs(nb, "stderr") == "", "the notebook printed warnings"
