@@ -136,6 +136,8 @@ def plain_inference(run: EvalConfig, category: str, checkpoint: str) -> dict:
 
 
 def _child(queue: multiprocessing.Queue, job: Callable, args: tuple) -> None:
+    # A spawned child would also spawn its DataLoader workers (seconds of imports each), unlike a CLI run on Linux.
+    multiprocessing.set_start_method("fork", force=True)
     queue.put(job(*args))
 
 
