@@ -249,7 +249,7 @@ class PatchCore:
         features_s = time.perf_counter() - start
         start = time.perf_counter()
         picks = greedy_coreset(features, self.config.coreset_ratio, self.config.projection_dim, self.config.seed)
-        self.set_memory_bank(features[picks].clone())
+        self.set_memory_bank(features[picks])
         _sync(self.device)
         return {"features_s": features_s, "coreset_s": time.perf_counter() - start,
                 "num_patches": filled, "memory_bank_size": len(picks), "feature_grid": grid}

@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +17,8 @@ import torch
 import torchvision
 
 from backbone import FeatureExtractor
-from conftest import SMALL, Trained, run_in_process, run_script
+from conftest import ROOT, SMALL, Trained, run_in_process, run_script
+from patchcore import read_checkpoint
 
 PROGRESS_BAR = re.compile(r"^[\w ]+:\s+\d+%\|")  # tqdm's progress lines, also on stderr
 
@@ -256,3 +260,26 @@ def test_weights_file_lacking_only_unused_stages_trains(data_root: Path, tmp_pat
                             "--layers", "layer2", "layer3", "--checkpoint_dir", checkpoints, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (checkpoints / "gray.pt").is_file()
+
+
+def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tiles: Trained, tmp_path: Path) -> None:
+    """SIGINT while the first category ('gray') trains: exit 130, the earlier tiles.pt untouched, no temp file."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    earlier = checkpoints / "tiles.pt"
+    shutil.copy2(trained_tiles.checkpoint, earlier)
+    original = earlier.read_bytes()
+    command = [sys.executable, "-u", str(ROOT / "train.py"), "--data_path", str(trained_tiles.data_root),
+               "--checkpoint_dir", str(checkpoints), *SMALL]
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as train:
+        for line in train.stdout:
+            if line.startswith("[gray]"):
+                train.send_signal(signal.SIGINT)
+                break
+        _, stderr = train.communicate(timeout=120)
+    assert train.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert earlier.read_bytes() == original
+    assert sorted(p.name for p in checkpoints.iterdir()) in (["tiles.pt"], ["gray.pt", "tiles.pt"])
+    if (checkpoints / "gray.pt").exists():
+        read_checkpoint(checkpoints / "gray.pt")

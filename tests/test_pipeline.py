@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from baseline import plain_greedy_coreset, reference_embedding
 from conftest import GRAY_COUNTS, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process, run_script
 from config import PatchCoreConfig
 from dataset import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, make_loader
@@ -136,25 +137,7 @@ def test_defect_type_without_masks_warns_and_reports_null_pixel_metrics(trained_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# PatchEmbedding against the literal reference computation
-
-
-def reference_embedding(maps: list[torch.Tensor], patch_size: int, dim: int) -> torch.Tensor:
-    """PatchCore reference: unfold, upsample each unfolded element map, pool per layer, stack, pool again."""
-    padding = patch_size // 2
-    batch, _, height, width = maps[0].shape
-    per_layer = []
-    for x in maps:
-        channels, h, w = x.shape[1:]
-        unfolded = F.unfold(x, kernel_size=patch_size, padding=padding)  # (B, C*p*p in (c, ky, kx) order, h*w)
-        unfolded = unfolded.reshape(batch, channels * patch_size**2, h, w)
-        if (h, w) != (height, width):
-            unfolded = F.interpolate(unfolded, size=(height, width), mode="bilinear", align_corners=False)
-        patches = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, channels * patch_size**2)
-        per_layer.append(F.adaptive_avg_pool1d(patches, dim)[:, 0])
-    stacked = torch.stack(per_layer, dim=1)  # (B*H*W, layers, dim), layer-major
-    pooled = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), dim)[:, 0]
-    return pooled.reshape(batch, height, width, dim)
+# PatchEmbedding against the literal reference computation (benchmarks/baseline.py, the benchmark's 'before')
 
 
 @pytest.mark.parametrize("channels, sizes, patch_size, dim", [
@@ -203,6 +186,7 @@ def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float) -> 
     picks = greedy_coreset(features, ratio, projection_dim=16, seed=seed, progress=False)
     assert picks.dtype == torch.long
     assert picks.tolist() == brute_force_coreset(features, ratio, 16, seed)
+    assert plain_greedy_coreset(features, ratio, 16, seed).tolist() == picks.tolist()  # the benchmark's 'before'
 
 
 def test_greedy_coreset_keeps_everything_at_ratio_one() -> None:
