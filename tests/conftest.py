@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -160,3 +161,12 @@ def trained_tiles(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     checkpoint = checkpoint_dir / "tiles.pt"
     assert checkpoint.is_file()
     return Trained(data_root, checkpoint_dir, checkpoint, result.stdout)
+
+
+@pytest.fixture
+def checkpoint_copy(trained_tiles: Trained, tmp_path: Path) -> Path:
+    """A copy of the trained tiles.pt in tmp_path/checkpoints, for tests that may rewrite it."""
+    path = tmp_path / "checkpoints" / "tiles.pt"
+    path.parent.mkdir()
+    shutil.copy2(trained_tiles.checkpoint, path)
+    return path

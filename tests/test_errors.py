@@ -262,12 +262,10 @@ def test_weights_file_lacking_only_unused_stages_trains(data_root: Path, tmp_pat
     assert (checkpoints / "gray.pt").is_file()
 
 
-def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tiles: Trained, tmp_path: Path) -> None:
+def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tiles: Trained, checkpoint_copy: Path,
+                                                                    tmp_path: Path) -> None:
     """SIGINT while the first category ('gray') trains: exit 130, the earlier tiles.pt untouched, no temp file."""
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    earlier = checkpoints / "tiles.pt"
-    shutil.copy2(trained_tiles.checkpoint, earlier)
+    earlier, checkpoints = checkpoint_copy, checkpoint_copy.parent
     original = earlier.read_bytes()
     command = [sys.executable, "-u", str(ROOT / "train.py"), "--data_path", str(trained_tiles.data_root),
                "--checkpoint_dir", str(checkpoints), *SMALL]

@@ -318,11 +318,8 @@ def test_cli_checkpoint_is_valid_and_complete(trained_tiles: Trained) -> None:
 # --skip_existing
 
 
-def test_skip_existing(trained_tiles: Trained, tmp_path: Path) -> None:
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    path = checkpoints / "tiles.pt"
-    shutil.copy2(trained_tiles.checkpoint, path)
+def test_skip_existing(trained_tiles: Trained, checkpoint_copy: Path, tmp_path: Path) -> None:
+    path, checkpoints = checkpoint_copy, checkpoint_copy.parent
     original = path.read_bytes()
     mtime = path.stat().st_mtime_ns
     args = ["--data_path", trained_tiles.data_root, "--category", "tiles", "--checkpoint_dir", checkpoints,
