@@ -140,5 +140,5 @@ class MVTecDataset(Dataset):
 def make_loader(dataset: MVTecDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Batches in file order, decoded in worker processes (pinned memory for a GPU)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda")
 
