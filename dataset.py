@@ -80,12 +80,59 @@ def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+# Pillow modes of 8-bit data, read as Pillow's convert("RGB") gives them; and those of deeper data, read as stored.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_DEEP_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+# The dtypes image_tensor takes (besides bool), by the value that stands for full brightness.
+_FULL_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1, "float64": 1}
+
+
+def read_pixels(path: str | Path) -> np.ndarray:
+    """An image file's pixels at their real value range, as image_tensor takes them: (H, W, 1) gray or (H, W, 3) RGB.
+
+    By Pillow mode:
+      1, L, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV -> uint8 RGB by Pillow's convert("RGB")
+          (palette to its colours, alpha dropped): the very pixels 8-bit images have always loaded as;
+      I;16, I;16L, I;16B, I;16N (16-bit gray PNG, TIFF) -> uint16;
+      I (32-bit integer: int TIFFs, and 16-bit PNGs in some Pillow versions) -> uint16 if all within 0..65535;
+      F (32-bit float TIFF) -> float32 if all finite and within [0, 1].
+    Anything else (another mode, values out of range) is a UserError naming the file, as is an unreadable file.
+    Pillow itself decodes 16-bit colour PNG and TIFF to 8-bit RGB.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert(mode)
+            mode = image.mode
+            if mode in _EIGHT_BIT_MODES:  # La (premultiplied alpha) converts to RGB only by way of LA
+                image = (image.convert("LA") if mode == "La" else image).convert("RGB")
+            pixels = np.asarray(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image '{path}' ({err}): replace or remove the file") from None
+    try:
+        if mode not in _EIGHT_BIT_MODES and mode not in _DEEP_MODES:
+            raise ValueError("unsupported mode: save it as 8-bit gray or colour, or as 16-bit gray")
+        if mode == "I":
+            if pixels.min() < 0 or pixels.max() > 65535:
+                raise ValueError(f"32-bit integer values span {pixels.min()} to {pixels.max()}, beyond 16 bit "
+                                 "(0 to 65535), so their full scale is unknown: save it as an 8- or 16-bit image")
+            pixels = pixels.astype(np.uint16)
+        return _checked(pixels)
+    except ValueError as err:
+        raise UserError(f"cannot read image '{path}' (mode {mode}): {err}") from None
+
+
+def _checked(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` as (H, W, 1) or (H, W, 3) (alpha dropped, bool as uint8 0 / 255) once they are an image that
+    image_tensor takes; a ValueError saying what is wrong otherwise."""
+    if not (pixels.ndim in (2, 3) and min(pixels.shape[:2]) > 0 and pixels.shape[2:] in ((), (1,), (3,), (4,))):
+        raise ValueError(f"shape {pixels.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8) * 255
+    if pixels.dtype.name not in _FULL_SCALE:
+        raise ValueError(f"dtype {pixels.dtype} is not uint8, uint16, bool, float32 or float64")
+    if pixels.dtype.kind == "f" and not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+        raise ValueError(f"float values must be finite and within [0, 1], these span {pixels.min():g} to "
+                         f"{pixels.max():g}: rescale them to [0, 1], or use 8- or 16-bit integers")
+    return pixels.reshape(*pixels.shape[:2], -1)[:, :, :3]
 
 
 def _resize_and_crop(image: Image.Image, resize: int, image_size: int, resample: Image.Resampling) -> np.ndarray:
@@ -94,17 +141,36 @@ def _resize_and_crop(image: Image.Image, resize: int, image_size: int, resample:
     return np.asarray(image.crop((offset, offset, offset + image_size, offset + image_size)))
 
 
+def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
+    """An image array (from a camera SDK, say) as the model takes it, like load_image does for files.
+
+    ``pixels``: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) of uint8 (0 to 255), uint16 (0 to 65535),
+    bool, or float32 / float64 within [0, 1]; anything else is a UserError. Each channel is resized on its own,
+    uint8 in 8 bit (bit for bit as Pillow resizes RGB) and deeper data in 32-bit float, so it keeps its precision.
+    """
+    try:
+        pixels = _checked(pixels)
+    except ValueError as err:
+        raise UserError(f"cannot use pixel array: {err}") from None
+    resampled_as = np.uint8 if pixels.dtype == np.uint8 else np.float32
+    planes = [_resize_and_crop(Image.fromarray(plane.astype(resampled_as)), resize, image_size,
+                               Image.Resampling.BILINEAR) for plane in np.moveaxis(pixels, 2, 0)]
+    unit = torch.from_numpy(np.stack(planes)).float() / _FULL_SCALE[pixels.dtype.name]
+    return (unit.expand(3, -1, -1) - _MEAN) / _STD
+
+
 def load_image(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
     """One image as the model takes it: RGB, resized to resize x resize (non-square images are squeezed, not
     cropped to their shorter side, so defects near the long sides stay in view), center-cropped to
-    image_size, ImageNet-normalised; (3, image_size, image_size)."""
-    pixels = _resize_and_crop(_open(Path(path), "RGB"), resize, image_size, Image.Resampling.BILINEAR)
-    return (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255 - _MEAN) / _STD
+    image_size, ImageNet-normalised; (3, image_size, image_size). Read at any bit depth read_pixels reads."""
+    return image_tensor(read_pixels(path), resize, image_size)
 
 
 def load_mask(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
-    """A ground-truth mask with the same geometry as load_image (nearest neighbour), as bool."""
-    return torch.from_numpy(_resize_and_crop(_open(Path(path), "L"), resize, image_size, Image.Resampling.NEAREST) > 0)
+    """A ground-truth mask (defect where any value > 0, at any bit depth) with the same geometry as load_image
+    (nearest neighbour), as bool."""
+    defect = Image.fromarray((read_pixels(path) > 0).any(axis=2))
+    return torch.from_numpy(_resize_and_crop(defect, resize, image_size, Image.Resampling.NEAREST) > 0)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -141,4 +207,3 @@ def make_loader(dataset: MVTecDataset, batch_size: int, num_workers: int, device
     """Batches in file order, decoded in worker processes (pinned memory for a GPU)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=device.type == "cuda")
-

@@ -1,0 +1,257 @@
+"""Images read by their real value range: every Pillow mode a file opens as, 16-bit, 32-bit and float ones, arrays."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from config import PatchCoreConfig, UserError
+from conftest import SMALL_CONFIG, _rgb_texture, _texture
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, image_tensor, load_image, load_mask, make_loader,
+                     read_pixels)
+from patchcore import PatchCore
+
+CPU = torch.device("cpu")
+RESIZE, SIZE = 72, 64
+MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+# An 8-bit source is resampled in 8 bit, rounded after each of Pillow's two passes; a deeper one in float. So the same
+# picture at 8 and 16 bit (or float) loads up to one 8-bit step apart in [0, 1] units: measured 1.000 / 255 at most
+# (0.32 / 255 on average), plus float32 noise.
+DEPTH_TOLERANCE = 1 / 255 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def gray() -> np.ndarray:
+    """A non-square (60 x 90) 8-bit gray texture."""
+    return np.round(_texture(np.random.default_rng(7), 60, 90) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    """A non-square (60 x 90) 8-bit colour texture."""
+    return np.round(_rgb_texture(np.random.default_rng(8), 60, 90) * 255).astype(np.uint8)
+
+
+def _saved(image: Image.Image, path: Path, **params: object) -> Path:
+    image.save(path, **params)
+    return path
+
+
+def _mode(path: Path) -> str:
+    with Image.open(path) as image:
+        return image.mode
+
+
+def _unit(tensor: torch.Tensor) -> torch.Tensor:
+    """A load_image tensor back in [0, 1] units (undoing the ImageNet normalisation)."""
+    return tensor * STD + MEAN
+
+
+def _before(path: Path) -> torch.Tensor:
+    """load_image as it was before images were read at their bit depth: Pillow's convert("RGB") to 8 bit."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((RESIZE, RESIZE), Image.Resampling.BILINEAR)
+    offset = (RESIZE - SIZE) // 2
+    pixels = np.asarray(image.crop((offset, offset, offset + SIZE, offset + SIZE)))
+    return (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255 - MEAN) / STD
+
+
+def _load(path: Path) -> torch.Tensor:
+    return load_image(path, RESIZE, SIZE)
+
+
+def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((_unit(a) - _unit(b)).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8-bit files: exactly as before, and by their RGB content
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "1", "CMYK"])
+def test_8bit_images_load_bit_for_bit_as_before(mode: str, rgb: np.ndarray, tmp_path: Path) -> None:
+    image = Image.fromarray(rgb).convert(mode)
+    path = _saved(image, tmp_path / ("image.tif" if mode == "CMYK" else "image.png"))
+    assert torch.equal(_load(path), _before(path))
+
+
+def test_alpha_is_dropped(rgb: np.ndarray, gray: np.ndarray, tmp_path: Path) -> None:
+    alpha = np.random.default_rng(0).integers(0, 256, gray.shape, dtype=np.uint8)
+    rgba = _saved(Image.fromarray(np.dstack([rgb, alpha])), tmp_path / "rgba.png")
+    assert torch.equal(_load(rgba), _load(_saved(Image.fromarray(rgb), tmp_path / "rgb.png")))
+    la = _saved(Image.fromarray(np.dstack([gray, alpha])), tmp_path / "la.png")
+    assert _mode(la) == "LA"
+    assert torch.equal(_load(la), _load(_saved(Image.fromarray(gray), tmp_path / "gray.png")))
+
+
+def test_premultiplied_gray_alpha_tiff_loads_as_its_gray(gray: np.ndarray, tmp_path: Path) -> None:
+    """Pillow opens a TIFF with associated alpha (ExtraSamples 1) as 'La', which convert("RGB") rejects."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([gray, np.full_like(gray, 255)])).save(buffer, "TIFF")
+    unassociated = b"\x52\x01\x03\x00\x01\x00\x00\x00\x02\x00"  # tag 338 (ExtraSamples), SHORT, 1 value: 2
+    path = tmp_path / "la.tif"
+    path.write_bytes(buffer.getvalue().replace(unassociated, unassociated[:-2] + b"\x01\x00"))
+    assert _mode(path) == "La"
+    assert torch.equal(_load(path), _load(_saved(Image.fromarray(gray), tmp_path / "gray.png")))
+
+
+@pytest.mark.parametrize("transparency", [False, True])
+def test_palette_image_loads_as_its_colours(transparency: bool, rgb: np.ndarray, tmp_path: Path) -> None:
+    palette_image = Image.fromarray(rgb).quantize(16)
+    path = _saved(palette_image, tmp_path / "p.png", **({"transparency": 0} if transparency else {}))
+    with Image.open(path) as saved:
+        assert saved.mode == "P" and ("transparency" in saved.info) == transparency
+    colours = np.asarray(palette_image.getpalette(), np.uint8).reshape(-1, 3)[np.asarray(palette_image)]
+    assert torch.equal(_load(path), _load(_saved(Image.fromarray(colours), tmp_path / "colours.png")))
+
+
+def test_bilevel_image_loads_as_black_and_white(tmp_path: Path) -> None:
+    bits = np.random.default_rng(0).random((60, 90)) > 0.5
+    path = _saved(Image.fromarray(bits), tmp_path / "bits.png")
+    assert _mode(path) == "1"
+    black_and_white = Image.fromarray(bits.astype(np.uint8) * 255)
+    assert torch.equal(_load(path), _load(_saved(black_and_white, tmp_path / "gray.png")))
+
+
+def test_cmyk_image_loads_as_its_rgb(rgb: np.ndarray, tmp_path: Path) -> None:
+    cmyk = np.dstack([255 - rgb, np.zeros_like(rgb[:, :, 0])])  # no black: red = 255 - cyan, ...
+    path = _saved(Image.fromarray(cmyk, "CMYK"), tmp_path / "cmyk.tif")
+    assert torch.equal(_load(path), _load(_saved(Image.fromarray(rgb), tmp_path / "rgb.png")))
+
+
+def test_unknown_mode_is_a_user_error(rgb: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _saved(Image.fromarray(rgb).convert("CMYK"), tmp_path / "cmyk.tif")
+    monkeypatch.setattr(dataset, "_EIGHT_BIT_MODES", dataset._EIGHT_BIT_MODES - {"CMYK"})  # a mode it does not know
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode CMYK\): unsupported mode"):
+        _load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deeper files: their value range, their precision
+
+
+def _16bit_gray_files(gray: np.ndarray, folder: Path) -> list[Path]:
+    """The 8-bit ``gray`` at 16 bit (value * 257) as PNG (I;16), little-endian TIFF (I;16), big-endian TIFF (I;16B)."""
+    deep = gray.astype(np.uint16) * 257
+    big_endian = Image.frombytes("I;16B", deep.shape[::-1], deep.astype(">u2").tobytes())
+    return [_saved(Image.fromarray(deep), folder / "deep.png"), _saved(Image.fromarray(deep), folder / "deep.tif"),
+            _saved(big_endian, folder / "deep_big_endian.tif")]
+
+
+def test_16bit_gray_equals_its_8bit_version(gray: np.ndarray, tmp_path: Path) -> None:
+    eight_bit = _load(_saved(Image.fromarray(gray), tmp_path / "gray.png"))
+    for path in _16bit_gray_files(gray, tmp_path):
+        assert _mode(path) in {"I;16", "I;16B"}
+        deep = _load(path)
+        assert _max_difference(deep, eight_bit) <= DEPTH_TOLERANCE
+        assert _max_difference(deep, image_tensor(gray / 255, RESIZE, SIZE)) < 1e-6  # its precision kept (1.2e-7)
+        assert float(_unit(deep).mean()) == pytest.approx(float(_unit(eight_bit).mean()), abs=1e-3)
+        assert float(_unit(_before(path)).min()) > 0.99  # what convert("RGB") made of it: all white
+
+
+def test_12bit_range_loads_dark_not_clipped(gray: np.ndarray, tmp_path: Path) -> None:
+    twelve_bit = gray.astype(np.uint16) * 16  # 0 to 4080, as a 12-bit camera fills a 16-bit PNG
+    deep = _unit(_load(_saved(Image.fromarray(twelve_bit), tmp_path / "12bit.png")))
+    eight_bit = _unit(_load(_saved(Image.fromarray(gray), tmp_path / "gray.png")))
+    assert float(deep.max()) <= 4095 / 65535
+    assert torch.allclose(deep, eight_bit * (255 * 16 / 65535), atol=1e-3)
+
+
+def test_32bit_integer_image_within_16_bits_loads_as_16bit(gray: np.ndarray, tmp_path: Path) -> None:
+    path = _saved(Image.fromarray(gray.astype(np.int32) * 257), tmp_path / "int32.tif")
+    assert _mode(path) == "I"
+    assert torch.equal(_load(path), _load(_16bit_gray_files(gray, tmp_path)[0]))
+
+
+@pytest.mark.parametrize("value", [-1, 65536])
+def test_32bit_integer_image_beyond_16_bits_is_a_user_error(value: int, gray: np.ndarray, tmp_path: Path) -> None:
+    pixels = gray.astype(np.int32)
+    pixels[0, 0] = value
+    path = _saved(Image.fromarray(pixels), tmp_path / "int32.tif")
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode I\): .*0 to 65535"):
+        _load(path)
+
+
+def test_float_tiff_in_unit_range_equals_its_8bit_version(gray: np.ndarray, tmp_path: Path) -> None:
+    path = _saved(Image.fromarray(gray.astype(np.float32) / 255), tmp_path / "float.tif")
+    assert _mode(path) == "F"
+    assert _max_difference(_load(path), _load(_saved(Image.fromarray(gray), tmp_path / "gray.png"))) <= DEPTH_TOLERANCE
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, np.nan, np.inf])
+def test_float_tiff_beyond_unit_range_is_a_user_error(value: float, gray: np.ndarray, tmp_path: Path) -> None:
+    pixels = gray.astype(np.float32) / 255
+    pixels[0, 0] = value
+    path = _saved(Image.fromarray(pixels), tmp_path / "float.tif")
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode F\): .*within \[0, 1\].*rescale"):
+        _load(path)
+
+
+def test_16bit_mask_marks_every_nonzero_value(tmp_path: Path) -> None:
+    defect = np.zeros((60, 90), bool)
+    defect[20:40, 30:50] = True
+    eight_bit = _saved(Image.fromarray(defect.astype(np.uint8) * 255), tmp_path / "mask.png")
+    sixteen_bit = _saved(Image.fromarray(defect.astype(np.uint16)), tmp_path / "mask16.png")  # 1 of 65535
+    expected = load_mask(eight_bit, RESIZE, SIZE)
+    assert expected.any()
+    assert torch.equal(load_mask(sixteen_bit, RESIZE, SIZE), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arrays (image_tensor): the same reading as for files
+
+
+def _array(pixels: np.ndarray) -> torch.Tensor:
+    return image_tensor(pixels, RESIZE, SIZE)
+
+
+def test_arrays_load_as_the_files_of_them(rgb: np.ndarray, gray: np.ndarray, tmp_path: Path) -> None:
+    rgb_file = _load(_saved(Image.fromarray(rgb), tmp_path / "rgb.png"))
+    gray_file = _load(_saved(Image.fromarray(gray), tmp_path / "gray.png"))
+    assert torch.equal(_array(rgb), rgb_file)
+    assert torch.equal(_array(np.dstack([rgb, np.zeros_like(gray)])), rgb_file)  # (H, W, 4): alpha dropped
+    assert torch.equal(_array(gray), gray_file)
+    assert torch.equal(_array(gray[:, :, None]), gray_file)
+    assert torch.equal(_array(gray.astype(np.uint16) * 257), _load(_16bit_gray_files(gray, tmp_path)[0]))
+    bits = gray > 128
+    assert torch.equal(_array(bits), _load(_saved(Image.fromarray(bits), tmp_path / "bits.png")))
+    for dtype in (np.float32, np.float64):
+        assert _max_difference(_array(rgb.astype(dtype) / 255), rgb_file) <= DEPTH_TOLERANCE
+
+
+@pytest.mark.parametrize(("pixels", "problem"), [
+    (np.zeros((60, 90), np.int64), "dtype int64"),
+    (np.full((60, 90), 2.0), r"within \[0, 1\]"),
+    (np.full((60, 90), np.nan, np.float32), r"within \[0, 1\]"),
+    (np.zeros((60, 90, 2), np.uint8), r"shape \(60, 90, 2\)"),
+    (np.zeros((1, 60, 90, 3), np.uint8), r"shape \(1, 60, 90, 3\)"),
+])
+def test_bad_arrays_are_user_errors(pixels: np.ndarray, problem: str) -> None:
+    with pytest.raises(UserError, match=rf"^cannot use pixel array: .*{problem}"):
+        _array(pixels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# With the model: the same picture at 8 and 16 bit scores the same
+
+
+def test_patchcore_scores_the_16bit_image_as_the_8bit_one(data_root: Path, tmp_path: Path) -> None:
+    config = PatchCoreConfig(**SMALL_CONFIG)
+    model = PatchCore(config, CPU)
+    model.fit(make_loader(MVTecDataset(data_root, "gray", "train", config.resize, config.image_size), batch_size=8,
+                          num_workers=0, device=CPU))
+    test = MVTecDataset(data_root, "gray", "test", config.resize, config.image_size)
+    eight_bit, sixteen_bit = [], []
+    for i, sample in enumerate(test.samples):
+        deep = read_pixels(sample.path)[:, :, 0].astype(np.uint16) * 257  # 'gray' is 8-bit L
+        eight_bit.append(load_image(sample.path, config.resize, config.image_size))
+        sixteen_bit.append(load_image(_saved(Image.fromarray(deep), tmp_path / f"{i}.png"), config.resize,
+                                      config.image_size))
+    scores_8, _ = model.predict(torch.stack(eight_bit))
+    scores_16, _ = model.predict(torch.stack(sixteen_bit))
+    assert torch.allclose(scores_16, scores_8, rtol=1e-2)  # measured: at most 0.18% apart
