@@ -47,34 +47,27 @@ class FeatureExtractor(nn.Module):
 
     Weights: 'imagenet' (torchvision's IMAGENET1K_V1, as the PatchCore reference uses), 'none' (random,
     seeded by the caller) or a state-dict file, loaded non-strictly but required to hold every parameter
-    of the stages that run (keys of later stages, such as layer4 or fc, may be absent).
+    of the stages that run (keys of later stages, such as layer4 or fc, may be absent). ``state``, the
+    ``weights_state`` of an earlier extractor (as a checkpoint carries it), replaces ``weights``: nothing
+    is downloaded or read from a weights file then.
     """
 
-    def __init__(self, name: str, weights: str, layers: tuple[str, ...]):
+    def __init__(self, name: str, weights: str, layers: tuple[str, ...],
+                 state: dict[str, torch.Tensor] | None = None):
         super().__init__()
-        model = _build(name, weights)
+        model = _build(name, "none" if state is not None else weights)
         self.layers = tuple(sorted(layers, key=STAGES.index))
         used = STEM + STAGES[: STAGES.index(self.layers[-1]) + 1]
-        if weights not in ("imagenet", "none"):
-            self._load_file(model, Path(weights), used)
+        if state is not None:
+            _load_state(model, state, used, "the backbone state in the checkpoint")
+        elif weights not in ("imagenet", "none"):
+            _load_state(model, _load_state_dict(Path(weights)), used, f"weights file '{weights}'")
         self.body = nn.ModuleDict({name: getattr(model, name) for name in used})
         self.channels = tuple(_out_channels(self.body[layer]) for layer in self.layers)
         self.eval().requires_grad_(False)
+        self.weights_state = self.body.state_dict()  # before folding: what a checkpoint stores to rebuild this
         self.weights_digest = self._digest()
         _fuse_batchnorm(self.body)
-
-    @staticmethod
-    def _load_file(model: nn.Module, path: Path, used: tuple[str, ...]) -> None:
-        state = _load_state_dict(path)
-        try:
-            missing, _ = model.load_state_dict(state, strict=False)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[-1].strip()
-            raise UserError(f"weights file '{path}' does not fit this backbone: {first}") from None
-        needed = [key for key in missing if key.split(".")[0] in used]
-        if needed:
-            raise UserError(f"weights file '{path}' lacks {len(needed)} parameters the backbone needs "
-                            f"(e.g. {needed[0]}): is it a state dict for this --backbone?")
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         maps, x = [], images
@@ -87,10 +80,23 @@ class FeatureExtractor(nn.Module):
     def _digest(self) -> str:
         """SHA-256 of the parameters and buffers that run: identifies the weights, whatever file they came from."""
         sha = hashlib.sha256()
-        for key, tensor in sorted(self.body.state_dict().items()):
+        for key, tensor in sorted(self.weights_state.items()):
             sha.update(key.encode())
             sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return sha.hexdigest()
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], used: tuple[str, ...], origin: str) -> None:
+    """Load ``state`` non-strictly into ``model``, requiring every parameter of the ``used`` stages."""
+    try:
+        missing, _ = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise UserError(f"{origin} does not fit this backbone: {first}") from None
+    needed = [key for key in missing if key.split(".")[0] in used]
+    if needed:
+        raise UserError(f"{origin} lacks {len(needed)} parameters the backbone needs (e.g. {needed[0]}): "
+                        f"is it a state dict for this --backbone?")
 
 
 def _fuse_batchnorm(module: nn.Module) -> None:

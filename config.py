@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, get_type_hints
 
@@ -46,7 +48,11 @@ class PatchCoreConfig:
     projection_dim: int = _option(128, "random projection used to choose the coreset")
     k: int = _option(1, "nearest neighbours for scoring; k > 1 adds the paper's image-score reweighting (Eq. 7)")
     blur_sigma: float = _option(4.0, "Gaussian smoothing of the anomaly maps, in pixels")
-    seed: int = _option(0, "seed of the random projection, coreset start points and random weights")
+    seed: int = _option(0, "seed of the random projection, coreset start points, random weights and calibration split")
+    false_alarm_rate: float = _option(0.01, "target share of good images flagged: sets the stored image and pixel "
+                                            "thresholds from good images only")
+    calibration_fraction: float = _option(0.2, "share of train/good held out to set the thresholds when the category "
+                                               "has no validation/good folder; the memory bank still uses every image")
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot work."""
@@ -66,13 +72,15 @@ class PatchCoreConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.blur_sigma < 0:
             raise UserError(f"--blur_sigma must be >= 0, got {self.blur_sigma}")
+        for name in ("false_alarm_rate", "calibration_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise UserError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
 
 
 @dataclass
 class RunConfig:
-    """Where the data and checkpoints are and how to run; not part of the model."""
+    """Which checkpoints and how to run; not part of the model."""
 
-    data_path: str | None = _option(None, f"MVTec-layout data root (default: ${DATA_PATH_ENV}, then {DEFAULT_DATA_PATH})")
     category: str = _option("all", "a category folder name, or 'all' for every folder with train/good")
     checkpoint_dir: str = _option("checkpoints", "where the memory banks are")
     device: str = _option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -95,6 +103,7 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """train.py's run settings."""
 
+    data_path: str | None = _option(None, f"MVTec-layout data root (default: ${DATA_PATH_ENV}, then {DEFAULT_DATA_PATH})")
     skip_existing: bool = _option(False, "skip categories whose checkpoint is valid and made with the same settings")
 
     def resolved_data_path(self) -> str:
@@ -104,28 +113,50 @@ class TrainConfig(RunConfig):
 
 @dataclass
 class EvalConfig(RunConfig):
-    """evaluate.py's run settings (the data path defaults to the one stored in the checkpoint)."""
+    """evaluate.py's run settings."""
 
+    data_path: str | None = _option(None, "MVTec-layout data root (default: the one stored in the checkpoint)")
     results_dir: str = _option("results", "where summary.json, plots and maps go")
     max_maps: int = _option(10, "anomaly-map pictures per category: this many highest-scored good and "
                                 "lowest-scored defective images; 0 writes every test image")
     no_plots: bool = _option(False, "skip all pictures (plots and maps)")
 
 
+@dataclass
+class PredictConfig(RunConfig):
+    """predict.py's run settings: inspect new, unlabelled images with a trained category."""
+
+    paths: tuple[str, ...] = _option((), "images, folders (searched recursively) or glob patterns", positional=True)
+    category: str = _option("", "the category whose checkpoint inspects the images (required)")
+    output: str | None = _option(None, "CSV of the verdicts (default: results/<category>/predictions.csv)")
+    maps: str | None = _option(None, "folder for overlay pictures (image, heat map, region) of the anomalous images")
+    all_maps: bool = _option(False, "with --maps: a picture for every image, not only the anomalous ones")
+    threshold: float | None = _option(None, "image-score threshold instead of the stored one (the pixel threshold "
+                                            "scales with it)")
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one --flag per dataclass field, with the field's default and help."""
+    """Add one --flag per dataclass field (a positional argument where the field says so), with default and help."""
     hints = get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         flag, default, help_text = f"--{f.name}", f.default, f.metadata["help"]
-        hint = hints[f.name]
-        if hint is bool:
+        hint = _without_none(hints[f.name])
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=f.name.rstrip("s").upper(), help=help_text)
+        elif hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif hint == tuple[str, ...]:
             parser.add_argument(flag, nargs="+", default=list(default), help=f"{help_text} (default: {' '.join(default)})")
         else:
             kind = {int: int, float: float}.get(hint, str)
-            shown = "" if default is None else f" (default: {default})"
+            shown = "" if default in (None, "") else f" (default: {default})"
             parser.add_argument(flag, type=kind, default=default, help=help_text + shown)
+
+
+def _without_none(hint: Any) -> Any:
+    """``X | None`` -> ``X``; other hints unchanged."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
 
 
 def from_arguments(config_class: type, args: argparse.Namespace) -> Any:

@@ -1,6 +1,9 @@
-"""MVTec AD layout loader: <root>/<category>/{train/good, test/<type>, ground_truth/<type>/<name>_mask.png}."""
+"""Image loading: the MVTec AD layout (<root>/<category>/{train/good, validation/good, test/<type>,
+ground_truth/<type>/<name>_mask.png}) and unlabelled images to inspect."""
 from __future__ import annotations
 
+import glob
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,7 +206,51 @@ class MVTecDataset(Dataset):
         }
 
 
-def make_loader(dataset: MVTecDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Batches in file order, decoded in worker processes (pinned memory for a GPU)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=device.type == "cuda")
+
+
+def expand_paths(patterns: Sequence[str]) -> list[Path]:
+    """The image files named by ``patterns``, each once, in order: a file as it is, a folder's images recursively
+    (sorted, hidden entries skipped), a glob pattern's matching images and folders; UserError when one names nothing."""
+    files: dict[Path, None] = {}
+    for pattern in patterns:
+        if any(character in pattern for character in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+            matches = [m for m in matches if m.is_dir() or m.suffix.lower() in IMAGE_SUFFIXES]
+            if not matches:
+                raise UserError(f"no image or folder matches '{pattern}'")
+        elif Path(pattern).exists():
+            matches = [Path(pattern)]
+        else:
+            raise UserError(f"'{pattern}' does not exist: pass image files, folders or glob patterns")
+        for match in matches:
+            files.update(dict.fromkeys(_images_under(match) if match.is_dir() else [match]))
+    if not files:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(patterns)}")
+    return list(files)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+class ImageFiles(Dataset):
+    """Unlabelled images to inspect, read as load_image reads them. An unreadable file yields a zero image and its
+    error message instead of an exception, so that one bad file in thousands does not stop the others."""
+
+    def __init__(self, paths: Sequence[Path], resize: int, image_size: int):
+        self.paths, self.resize, self.image_size = list(paths), resize, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image, error = load_image(self.paths[index], self.resize, self.image_size), ""
+        except UserError as err:
+            image, error = torch.zeros(3, self.image_size, self.image_size), str(err)
+        return {"image": image, "error": error, "index": index}

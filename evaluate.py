@@ -18,6 +18,7 @@ from tqdm import tqdm
 import metrics
 import plots
 from atomic import atomic_write_text
+from calibration import operating_point
 from config import EvalConfig, UserError, add_arguments, from_arguments, run_cli
 from dataset import MVTecDataset, denormalize, make_loader
 from patchcore import PatchCore
@@ -68,6 +69,21 @@ def category_metrics(p: Predictions, category: str) -> dict:
     return result
 
 
+def stored_threshold_metrics(model: PatchCore, p: Predictions) -> dict:
+    """The operating point of the threshold train.py set from good images only, on the labelled test set."""
+    if model.calibration is None:
+        return {"stored_threshold": None, "false_alarm_rate": None, "recall": None, "precision": None}
+    c = model.calibration
+    point = operating_point(p.labels, p.scores, c.image_threshold)
+    return {"stored_threshold": point.pop("threshold"), **point, "target_false_alarm_rate": c.false_alarm_rate,
+            "calibration": {"source": c.source, "images": len(c.images), "rule": c.rule,
+                            "pixel_threshold": c.pixel_threshold}}
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
 def write_scores_csv(p: Predictions, path: Path) -> None:
     text = io.StringIO()
     writer = csv.writer(text)
@@ -103,11 +119,12 @@ def markdown_table(results: dict[str, dict], mean: dict) -> str:
     def cell(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f}"
 
-    lines = ["| Category | Image AUROC | Pixel AUROC | PRO | Image F1-max | Test images | Images/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| Category | Image AUROC | Pixel AUROC | PRO | Image F1-max | False alarms @ stored threshold | "
+             "Recall @ stored threshold | Test images | Images/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in [*results.items(), ("**mean**", mean)]:
         lines.append(f"| {name} | {cell(r['image_auroc'])} | {cell(r['pixel_auroc'])} | {cell(r['pro'])} | "
-                     f"{cell(r['image_f1_max'])} | {r['test_images']} | {r['images_per_s']:.1f} |")
+                     f"{cell(r['image_f1_max'])} | {cell(r['false_alarm_rate'])} | {cell(r['recall'])} | "
+                     f"{r['test_images']} | {r['images_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -129,6 +146,7 @@ def evaluate(run: EvalConfig) -> dict:
         p = predict(model, dataset, run, category)
         metric_start = time.perf_counter()
         result = category_metrics(p, category)
+        result.update(stored_threshold_metrics(model, p))
         result.update(test_images=len(dataset), defective_images=int(p.labels.sum()),
                       images_per_s=len(dataset) / p.seconds, inference_s=p.seconds,
                       metrics_s=time.perf_counter() - metric_start)
@@ -140,11 +158,13 @@ def evaluate(run: EvalConfig) -> dict:
             key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings", "created", "device")})
         results[category] = result
         atomic_write_text(results_dir / category / "metrics.json", json.dumps(result, indent=2) + "\n")
-        curves[category] = (p.labels, p.scores, result["image_threshold"])
+        curves[category] = (p.labels, p.scores, result["image_threshold"], result["stored_threshold"])
         print(f"[{category}] image AUROC {result['image_auroc']:.4f}, pixel AUROC "
               f"{result['pixel_auroc'] if result['pixel_auroc'] is None else round(result['pixel_auroc'], 4)}, "
-              f"{result['images_per_s']:.1f} images/s")
-    keys = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "images_per_s")
+              f"at the stored threshold {_percent(result['false_alarm_rate'])} false alarms and "
+              f"{_percent(result['recall'])} recall, {result['images_per_s']:.1f} images/s")
+    keys = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "false_alarm_rate", "recall", "precision",
+            "images_per_s")
     mean = {key: _mean([r[key] for r in results.values()]) for key in keys}
     mean["test_images"] = sum(r["test_images"] for r in results.values())
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),

@@ -6,11 +6,13 @@ import functools
 import platform
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
 import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -20,10 +22,12 @@ from tqdm import tqdm
 
 from atomic import atomic_write
 from backbone import FeatureExtractor
+from calibration import Calibration
 from config import PatchCoreConfig, UserError
+from dataset import image_tensor, load_image
 
 CHECKPOINT_FORMAT = "patchcore-memory-bank"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: carries the backbone weights and the calibrated thresholds
 
 
 def _adaptive_bins(in_len: int, out_len: int) -> list[tuple[int, int]]:
@@ -209,6 +213,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclasses.dataclass
+class Inspection:
+    """Verdicts on a batch of images: anomalous when the image score is above the image threshold; the defect
+    region is where the anomaly map is above the pixel threshold. Scores and maps are nearest-neighbour distances."""
+
+    scores: np.ndarray  # (N,) image scores
+    maps: np.ndarray  # (N, S, S) anomaly maps
+    image_threshold: float
+    pixel_threshold: float
+
+    @functools.cached_property
+    def normalized_scores(self) -> np.ndarray:
+        """Score / image threshold: 1.0 is the threshold, above it anomalous; comparable across categories."""
+        return self.scores / self.image_threshold
+
+    @functools.cached_property
+    def anomalous(self) -> np.ndarray:
+        return self.scores > self.image_threshold
+
+    @property
+    def regions(self) -> np.ndarray:
+        """(N, S, S) bool: the pixels whose map value is above the pixel threshold."""
+        return self.maps > self.pixel_threshold
+
+    @functools.cached_property
+    def region_fractions(self) -> np.ndarray:
+        """Share of each image's (resized, cropped) area inside the defect region."""
+        return self.regions.mean(axis=(1, 2))
+
+
 class PatchCore:
     """A memory bank of nominal patch features and the scoring against it, for one category."""
 
@@ -218,11 +252,11 @@ class PatchCore:
         if extractor is None:
             torch.manual_seed(config.seed)  # makes --weights none reproducible
             extractor = FeatureExtractor(config.backbone, config.weights, config.layers)
-            extractor = extractor.to(device, memory_format=torch.channels_last)
-        self.extractor = extractor
+        self.extractor = extractor.to(device, memory_format=torch.channels_last)
         self.embedding = PatchEmbedding(extractor.channels, config.patch_size, config.embedding_dim).to(device)
         self.memory_bank: torch.Tensor | None = None
         self.neighbours: NearestNeighbours | None = None
+        self.calibration: Calibration | None = None
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -233,8 +267,13 @@ class PatchCore:
         return self.embedding([m.float() for m in maps])
 
     @torch.inference_mode()
-    def fit(self, loader: DataLoader) -> dict:
-        """Build the memory bank from nominal training images; returns seconds per stage and sizes."""
+    def fit(self, loader: DataLoader, held_out: Sequence[int] = ()) -> dict:
+        """Build the memory bank from nominal training images; returns seconds per stage and sizes.
+
+        With ``held_out`` (indices into the loader's data set), those images are also scored against the bank less
+        the entries taken from them, as unseen good images, for calibration; their scores and map maxima are
+        returned under 'held_out'. The bank itself keeps every image's patches.
+        """
         start = time.perf_counter()
         features, filled = None, 0
         for batch in tqdm(loader, desc="features", unit="batch"):
@@ -251,8 +290,32 @@ class PatchCore:
         picks = greedy_coreset(features, self.config.coreset_ratio, self.config.projection_dim, self.config.seed)
         self.set_memory_bank(features[picks])
         _sync(self.device)
-        return {"features_s": features_s, "coreset_s": time.perf_counter() - start,
-                "num_patches": filled, "memory_bank_size": len(picks), "feature_grid": grid}
+        report = {"features_s": features_s, "coreset_s": time.perf_counter() - start,
+                  "num_patches": filled, "memory_bank_size": len(picks), "feature_grid": grid}
+        if held_out:
+            start = time.perf_counter()
+            report["held_out"] = self._score_held_out(features.view(-1, *grid, features.shape[1]), picks, held_out)
+            report["calibration_s"] = time.perf_counter() - start
+        return report
+
+    def _score_held_out(self, features: torch.Tensor, picks: torch.Tensor, held_out: Sequence[int],
+                        batch_size: int = 32) -> dict[str, list[float]]:
+        """Scores and map maxima of the ``held_out`` images (features (N, h, w, D)) against the bank without the
+        entries picked from them."""
+        held_out = torch.as_tensor(list(held_out), device=features.device)
+        patches_per_image = features.shape[1] * features.shape[2]
+        kept = picks[~torch.isin(picks // patches_per_image, held_out)]
+        if len(kept) == 0:  # tiny or uniform sets, where every pick came from held-out images: all other patches
+            every = torch.arange(len(features) * patches_per_image, device=features.device)
+            kept = every[~torch.isin(every // patches_per_image, held_out)]
+        bank = features.flatten(0, 2)[kept]
+        neighbours = NearestNeighbours(bank)
+        scores, maxima = [], []
+        for part in held_out.split(batch_size):
+            image_scores, maps = self._score(features[part], neighbours, bank)
+            scores += image_scores.tolist()
+            maxima += maps.flatten(1).max(1).values.tolist()
+        return {"image_scores": scores, "map_maxima": maxima}
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.to(self.device).float()
@@ -263,37 +326,73 @@ class PatchCore:
         """Image scores (B,) and anomaly maps (B, S, S), both on the model's device."""
         if self.neighbours is None:
             raise RuntimeError("PatchCore.predict needs a memory bank: call fit() or load a checkpoint")
-        features = self.embed(images)
+        return self._score(self.embed(images), self.neighbours, self.memory_bank)
+
+    def _score(self, features: torch.Tensor, neighbours: NearestNeighbours,
+               bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features (B, h, w, D) -> image scores (B,) and anomaly maps (B, S, S) against ``bank``."""
         batch, height, width, dim = features.shape
-        distances, nearest = self.neighbours.search(features.reshape(-1, dim), self.config.k)
+        distances, nearest = neighbours.search(features.reshape(-1, dim), self.config.k)
         patch_scores = distances[:, 0].reshape(batch, height * width)
         image_scores = patch_scores.max(1).values
         if self.config.k > 1:
-            image_scores = self._reweight(features.reshape(batch, -1, dim), patch_scores, nearest[:, 0].view(batch, -1))
+            image_scores = self._reweight(features.reshape(batch, -1, dim), patch_scores,
+                                          nearest[:, 0].view(batch, -1), neighbours, bank)
         maps = anomaly_maps(patch_scores.view(batch, height, width), self.config.image_size, self.config.blur_sigma)
         return image_scores, maps
 
-    def _reweight(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    def _reweight(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor,
+                  neighbours: NearestNeighbours, bank: torch.Tensor) -> torch.Tensor:
         """The paper's Eq. 7: damp the maximal patch score s* when the bank entry m* nearest to that test
         patch lies in a dense bank region, s = (1 - exp(s*) / sum over the k nearest bank entries m of m*
         of exp(||m_test* - m||)) * s*."""
         rows = torch.arange(len(features), device=features.device)
         worst = patch_scores.argmax(1)
         test_patch = features[rows, worst]
-        anchor = self.memory_bank[nearest[rows, worst]]
-        _, neighbourhood = self.neighbours.search(anchor, self.config.k)
-        distances = (test_patch[:, None] - self.memory_bank[neighbourhood]).norm(dim=-1)
+        anchor = bank[nearest[rows, worst]]
+        _, neighbourhood = neighbours.search(anchor, self.config.k)
+        distances = (test_patch[:, None] - bank[neighbourhood]).norm(dim=-1)
         s_star = patch_scores[rows, worst]
         return (1 - torch.exp(s_star - torch.logsumexp(distances, dim=1))) * s_star
 
+    def thresholds(self, image_threshold: float | None = None) -> tuple[float, float]:
+        """(image, pixel) thresholds: the calibrated ones, or ``image_threshold`` with the pixel threshold scaled
+        by the same factor, so that regions keep their relation to the verdicts."""
+        if image_threshold is not None and image_threshold <= 0:
+            raise UserError(f"the image threshold must be positive, got {image_threshold}")
+        if self.calibration is None:
+            if image_threshold is None:
+                raise UserError("this checkpoint has no calibrated thresholds: retrain it with train.py, or pass a "
+                                "threshold")
+            return image_threshold, image_threshold
+        stored = self.calibration.image_threshold
+        chosen = stored if image_threshold is None else image_threshold
+        return chosen, self.calibration.pixel_threshold * chosen / stored
+
+    def inspect(self, images: torch.Tensor | Sequence[str | Path | np.ndarray], threshold: float | None = None,
+                batch_size: int = 32) -> Inspection:
+        """Scores, maps and verdicts of images given as model input (B, 3, S, S), or as image files or arrays
+        (H, W[, C]; uint8, uint16 or float in [0, 1]) read as dataset.load_image / image_tensor read them."""
+        if isinstance(images, torch.Tensor):
+            batches = [images]
+        else:
+            size = (self.config.resize, self.config.image_size)
+            batches = (torch.stack([load_image(x, *size) if isinstance(x, (str, Path)) else image_tensor(x, *size)
+                                    for x in images[i:i + batch_size]]) for i in range(0, len(images), batch_size))
+        scores, maps = zip(*((s.cpu().numpy(), m.cpu().numpy()) for s, m in map(self.predict, batches)))
+        return Inspection(np.concatenate(scores), np.concatenate(maps), *self.thresholds(threshold))
+
     def save(self, path: str | Path, **metadata) -> Path:
-        """Write the memory bank, the complete config and ``metadata`` atomically."""
+        """Write the memory bank, the calibration, the backbone weights, the complete config and ``metadata``
+        atomically: the file alone is enough to inspect images (no weights file or download needed)."""
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "config": dataclasses.asdict(self.config),
             "memory_bank": self.memory_bank.cpu(),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "weights_digest": self.extractor.weights_digest,
+            "backbone_state": self.extractor.weights_state,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "torchvision": str(torchvision.__version__), "faiss": str(faiss.__version__)},
@@ -302,15 +401,19 @@ class PatchCore:
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device) -> tuple["PatchCore", dict]:
-        """A model ready to predict, and the checkpoint's contents; UserError for damaged or foreign files."""
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["PatchCore", dict]:
+        """A model ready to inspect, and the checkpoint's contents; UserError for damaged or foreign files."""
         checkpoint = read_checkpoint(path)
         config = PatchCoreConfig(**{**checkpoint["config"], "layers": tuple(checkpoint["config"]["layers"])})
-        model = cls(config, device)
-        if model.extractor.weights_digest != checkpoint["weights_digest"]:
-            raise UserError(f"checkpoint '{path}' was built with other backbone weights than '{config.weights}' "
-                            f"gives here: retrain with train.py, or restore those weights")
+        config.validate()
+        extractor = FeatureExtractor(config.backbone, config.weights, config.layers, state=checkpoint["backbone_state"])
+        if extractor.weights_digest != checkpoint["weights_digest"]:
+            raise UserError(f"checkpoint '{path}' is damaged (its backbone weights do not match their digest): "
+                            f"retrain with train.py")
+        model = cls(config, torch.device(device), extractor)
         model.set_memory_bank(checkpoint["memory_bank"])
+        if checkpoint["calibration"] is not None:
+            model.calibration = Calibration.from_dict(checkpoint["calibration"])
         return model, checkpoint
 
 
@@ -330,9 +433,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise UserError(f"checkpoint '{path}' has format version {checkpoint.get('version')}, this code reads "
                         f"{CHECKPOINT_VERSION}: retrain with train.py")
     field_names = {f.name for f in dataclasses.fields(PatchCoreConfig)}
-    bank = checkpoint.get("memory_bank")
+    bank, backbone_state = checkpoint.get("memory_bank"), checkpoint.get("backbone_state")
     if (not isinstance(checkpoint.get("config"), dict) or set(checkpoint["config"]) != field_names
             or not isinstance(bank, torch.Tensor) or bank.ndim != 2
-            or bank.shape[1] != checkpoint["config"]["embedding_dim"] or "weights_digest" not in checkpoint):
+            or bank.shape[1] != checkpoint["config"]["embedding_dim"] or "weights_digest" not in checkpoint
+            or not isinstance(backbone_state, dict) or not isinstance(checkpoint.get("calibration", 0), dict | None)):
         raise UserError(f"checkpoint '{path}' is incomplete or from another version: retrain with train.py")
     return checkpoint

@@ -157,36 +157,43 @@ def plot_roc_curves(scores: dict[str, tuple[np.ndarray, np.ndarray]], path: str 
 
 
 @_styled
-def plot_score_distributions(scores: dict[str, tuple[np.ndarray, np.ndarray, float]],
+def plot_score_distributions(scores: dict[str, tuple[np.ndarray, np.ndarray, float, float | None]],
                              path: str | os.PathLike) -> Path:
-    """Histograms of good versus defective image scores per category, with the F1-optimal threshold.
+    """Histograms of good versus defective image scores per category, with the F1-optimal threshold (chosen with
+    the test labels) and the stored one (set from good images only by train.py).
 
-    Shows how far apart the two populations are and where the decision threshold cuts them.
+    Shows how far apart the two populations are and where each threshold cuts them.
     """
     if not scores:
         raise ValueError("no categories to plot")
     rows, columns = _grid_shape(len(scores))
     fig, axes = plt.subplots(rows, columns, figsize=_grid_figsize(len(scores)), layout="constrained",
                              squeeze=False)
-    for ax, (category, (labels, image_scores, threshold)) in zip(axes.flat, scores.items()):
-        draw_score_histogram(ax, labels, image_scores, threshold)
+    for ax, (category, (labels, image_scores, threshold, stored)) in zip(axes.flat, scores.items()):
+        draw_score_histogram(ax, labels, image_scores, threshold, stored)
         ax.set_title(category)
     for ax in axes.flat[len(scores):]:
         ax.set_visible(False)
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=3 if len(scores) > 2 else 1)
+    handles, names = max((ax.get_legend_handles_labels() for ax in axes.flat[:len(scores)]), key=lambda h: len(h[0]))
+    fig.legend(handles, names, loc="outside lower center", ncol=4 if len(scores) > 2 else 2)
     fig.suptitle("Image score distributions")
     return _save(fig, path)
 
 
-def draw_score_histogram(ax: plt.Axes, labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
-    """Overlaid histograms of good and defective image scores on ``ax``, the threshold as a dashed line."""
+def draw_score_histogram(ax: plt.Axes, labels: np.ndarray, scores: np.ndarray, threshold: float | None = None,
+                         stored_threshold: float | None = None) -> None:
+    """Overlaid histograms of good and defective image scores on ``ax``; the F1-optimal ``threshold`` as a dashed
+    line and the ``stored_threshold`` (from good images only) as a solid one, where given."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=float)
-    bins = np.histogram_bin_edges(np.append(scores, threshold), bins=20)
+    lines = [t for t in (threshold, stored_threshold) if t is not None]
+    bins = np.histogram_bin_edges(np.append(scores, lines), bins=20)
     ax.hist(scores[~labels], bins=bins, color="tab:blue", alpha=0.6, label="good")
     ax.hist(scores[labels], bins=bins, color="tab:red", alpha=0.6, label="defective")
-    ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label="F1-optimal threshold")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label="F1-optimal threshold (test labels)")
+    if stored_threshold is not None:
+        ax.axvline(stored_threshold, color="tab:green", linewidth=1.6, label="stored threshold (good images only)")
     ax.set(xlabel="image score", ylabel="images")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -197,6 +204,31 @@ def _contour(ax: plt.Axes, region: np.ndarray, **style) -> None:
         ax.contour(region.astype(float), levels=[0.5], **style)
 
 
+def _draw_heat_and_overlay(fig: Figure, ax_heat: plt.Axes, ax_overlay: plt.Axes, image: np.ndarray,
+                           anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float,
+                           colorbar_label: str | None = None) -> list[Line2D]:
+    """The heat map with its colour bar, and the image under a translucent map with the region ``anomaly_map >
+    threshold`` outlined in white; returns the outline's legend entry."""
+    heat = ax_heat.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax)
+    fig.colorbar(heat, ax=ax_heat, shrink=0.85, label=colorbar_label)
+    ax_heat.set_title("anomaly map")
+    ax_overlay.imshow(image)
+    ax_overlay.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax, alpha=0.45)
+    _contour(ax_overlay, anomaly_map > threshold, colors="white", linewidths=1.5)
+    ax_overlay.set_title("overlay")
+    return [Line2D([], [], color="white", linewidth=1.5, label=f"predicted (> {threshold:.3g})")]
+
+
+def _finish_map_figure(fig: Figure, axes: list[plt.Axes], outlines: list[Line2D], title: str,
+                       path: str | os.PathLike) -> Path:
+    axes[-1].legend(handles=outlines, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=7,
+                    frameon=True, facecolor="0.25", labelcolor="white", edgecolor="none")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return _save(fig, path, dpi=MAP_DPI, palette=True)
+
+
 @_styled
 def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray | None,
                             anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float,
@@ -205,11 +237,12 @@ def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np
 
     ``image`` is (H,W,3) in [0,1]; ``mask`` and ``anomaly_map`` are (H,W) at the same size.
     ``vmin``/``vmax`` are shared by all maps of a category so colours compare across images;
-    the overlay outlines the predicted region (``anomaly_map >= threshold``) and the ground truth.
+    the overlay outlines the predicted region (``anomaly_map > threshold``) and the ground truth.
     """
     if anomaly_map.shape != image.shape[:2] or (mask is not None and mask.shape != image.shape[:2]):
         raise ValueError(f"image {image.shape}, mask and anomaly map {anomaly_map.shape} differ in size")
-    fig, (ax_image, ax_mask, ax_heat, ax_overlay) = plt.subplots(1, 4, figsize=MAP_FIGSIZE, layout="constrained")
+    fig, axes = plt.subplots(1, 4, figsize=MAP_FIGSIZE, layout="constrained")
+    ax_image, ax_mask, ax_heat, ax_overlay = axes
     image = np.clip(image, 0.0, 1.0)
     ax_image.imshow(image)
     ax_image.set_title("input")
@@ -219,23 +252,31 @@ def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np
     else:
         ax_mask.imshow(mask != 0, cmap="gray", vmin=0, vmax=1)
     ax_mask.set_title("ground truth")
-    heat = ax_heat.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax)
-    fig.colorbar(heat, ax=ax_heat, shrink=0.85)
-    ax_heat.set_title("anomaly map")
-    ax_overlay.imshow(image)
-    ax_overlay.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax, alpha=0.45)
-    _contour(ax_overlay, anomaly_map >= threshold, colors="white", linewidths=1.5)
-    outlines = [Line2D([], [], color="white", linewidth=1.5, label=f"predicted (≥ {threshold:.3g})")]
+    outlines = _draw_heat_and_overlay(fig, ax_heat, ax_overlay, image, anomaly_map, vmin, vmax, threshold)
     if mask is not None:
         _contour(ax_overlay, mask != 0, colors="magenta", linewidths=1.2, linestyles="--")
         outlines.append(Line2D([], [], color="magenta", linewidth=1.2, linestyle="--", label="ground truth"))
-    ax_overlay.set_title("overlay")
-    ax_overlay.legend(handles=outlines, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=7,
-                      frameon=True, facecolor="0.25", labelcolor="white", edgecolor="none")
-    for ax in (ax_image, ax_mask, ax_heat, ax_overlay):
-        ax.set_axis_off()
-    fig.suptitle(title)
-    return _save(fig, path, dpi=MAP_DPI, palette=True)
+    return _finish_map_figure(fig, list(axes), outlines, title, path)
+
+
+@_styled
+def save_inspection_figure(path: str | os.PathLike, image: np.ndarray, normalized_map: np.ndarray,
+                           title: str) -> Path:
+    """Three panels for predict.py: input, heat map and overlay outlining the defect region.
+
+    ``normalized_map`` is the anomaly map divided by the pixel threshold, drawn on a fixed scale from 0 to 2, so
+    that 1 (the region's edge) has the same colour in every picture of every category.
+    """
+    if normalized_map.shape != image.shape[:2]:
+        raise ValueError(f"image {image.shape} and anomaly map {normalized_map.shape} differ in size")
+    fig, axes = plt.subplots(1, 3, figsize=(MAP_FIGSIZE[0] * 3 / 4, MAP_FIGSIZE[1]), layout="constrained")
+    ax_image, ax_heat, ax_overlay = axes
+    image = np.clip(image, 0.0, 1.0)
+    ax_image.imshow(image)
+    ax_image.set_title("input")
+    outlines = _draw_heat_and_overlay(fig, ax_heat, ax_overlay, image, normalized_map, 0.0, 2.0, 1.0,
+                                      colorbar_label="map / pixel threshold")
+    return _finish_map_figure(fig, list(axes), outlines, title, path)
 
 
 def select_map_indices(labels: np.ndarray, scores: np.ndarray, max_maps: int | None) -> list[int]:

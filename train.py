@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 
-from config import PatchCoreConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
-from dataset import MVTecDataset, list_categories, make_loader
+import torch
+
+from calibration import calibrate
+from config import PatchCoreConfig, RunConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
+from dataset import GOOD, MVTecDataset, list_categories, make_loader
 from patchcore import PatchCore, read_checkpoint
 
 
@@ -27,6 +31,44 @@ def is_up_to_date(path: Path, config: PatchCoreConfig, weights_digest: str, data
             and checkpoint.get("data_path") == str(Path(data_path).resolve()))
 
 
+def held_out_indices(count: int, fraction: float, seed: int, category: str) -> list[int]:
+    """A seeded ``fraction`` of ``count`` training images (at least one, never all) to calibrate the thresholds."""
+    if count < 2:
+        raise UserError(f"'{category}' has {count} training image: calibrating the thresholds needs at least 2, "
+                        f"or a validation/good folder")
+    size = min(count - 1, max(1, round(fraction * count)))
+    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+
+
+def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: RunConfig, data_path: str, category: str) -> dict:
+    """Build the memory bank from every training image and set the thresholds from good images it has not seen:
+    validation/good when the category has one, else a held-out part of train/good, scored against the bank less
+    the entries taken from those images."""
+    config, device = model.config, model.device
+    validation = Path(data_path, category, "validation", GOOD).is_dir()
+    held_out = [] if validation else held_out_indices(len(dataset), config.calibration_fraction, config.seed, category)
+    timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), held_out)
+    if validation:
+        calibration_set = MVTecDataset(data_path, category, "validation", config.resize, config.image_size)
+        samples, scores, maxima = calibration_set.samples, [], []
+        for batch in make_loader(calibration_set, run.batch_size, run.num_workers, device):
+            image_scores, maps = model.predict(batch["image"])
+            scores += image_scores.tolist()
+            maxima += maps.flatten(1).max(1).values.tolist()
+    else:
+        samples = [dataset.samples[i] for i in held_out]
+        held = timings.pop("held_out")
+        scores, maxima = held["image_scores"], held["map_maxima"]
+    source = "validation/good" if validation else "held-out train/good"
+    names = [str(s.path.relative_to(Path(data_path, category))) for s in samples]
+    model.calibration = c = calibrate(scores, maxima, config.false_alarm_rate, source, names)
+    note = (f" (extrapolated: {len(names)} images are too few for an order statistic at this rate; "
+            f"about {math.ceil(1 / c.false_alarm_rate)} would do)" if c.rule == "gumbel" else "")
+    print(f"[{category}] thresholds for {c.false_alarm_rate:.1%} false alarms from {len(names)} {source} images, "
+          f"rule '{c.rule}': image {c.image_threshold:.4g}, pixel {c.pixel_threshold:.4g}{note}")
+    return timings
+
+
 def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
     model_config.validate()
     device = run.resolved_device()
@@ -44,7 +86,7 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
             skipped.append(category)
             continue
         print(f"[{category}] {len(dataset)} training images")
-        timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device))
+        timings = fit_and_calibrate(model, dataset, run, data_path, category)
         model.save(path, category=category, data_path=str(Path(data_path).resolve()), device=str(device),
                    num_train_images=len(dataset), timings=timings)
         print(f"[{category}] memory bank {timings['memory_bank_size']:,} of {timings['num_patches']:,} patches; "

@@ -43,7 +43,9 @@ def main() -> int:
             run("evaluate.py", "--category", category, "--checkpoint_dir", str(checkpoints), "--results_dir", str(results))
             figures = json.loads((results / "summary.json").read_text())["categories"][category]
             print(f"{category}: image AUROC {figures['image_auroc']:.4f}, pixel AUROC {figures['pixel_auroc']:.4f}, "
-                  f"PRO {figures['pro']:.4f}")
+                  f"PRO {figures['pro']:.4f}; stored threshold (good images only): false alarms "
+                  f"{figures['false_alarm_rate']:.3f}, recall {figures['recall']:.3f}, precision "
+                  f"{figures['precision']:.3f}; F1-max {figures['image_f1_max']:.3f} (test labels)")
             failures += [f"{category} {metric} {figures[metric]:.4f} < {minimum}"
                          for metric, minimum in THRESHOLDS.get(category, {}).items() if figures[metric] < minimum]
     if failures:

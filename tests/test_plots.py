@@ -63,7 +63,7 @@ def test_roc_curves(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("error")
 def test_score_distributions(tmp_path: Path) -> None:
-    scores = {c: (*_image_scores(i), 1.0) for i, c in enumerate(CATEGORIES)}
+    scores = {c: (*_image_scores(i), 1.0, 1.2 if i % 2 else None) for i, c in enumerate(CATEGORIES)}
     # 7 categories: 2 rows of 5 panels, 3.2 x 2.5 inches each plus 0.5 inch for the legend.
     _assert_png(plots.plot_score_distributions(scores, tmp_path / "dist.png"), 1600, 550)
     _assert_png(plots.plot_score_distributions({"bottle": scores["bottle"]}, tmp_path / "one.png"), 320, 300)
