@@ -104,6 +104,8 @@ class TrainConfig(RunConfig):
     """train.py's run settings."""
 
     data_path: str | None = _option(None, f"MVTec-layout data root (default: ${DATA_PATH_ENV}, then {DEFAULT_DATA_PATH})")
+    download: str | None = _option(None, "'mvtec_ad' or 'visa': fetch that data set into the data path when it is "
+                                         "missing (VisA is arranged in the MVTec layout once)")
     skip_existing: bool = _option(False, "skip categories whose checkpoint is valid and made with the same settings")
 
     def resolved_data_path(self) -> str:

@@ -35,7 +35,8 @@ class Sample:
 
 def _existing_root(root: str | Path) -> Path:
     if not Path(root).is_dir():
-        raise UserError(f"data path '{root}' does not exist: pass --data_path or set $MVTEC_AD_PATH")
+        raise UserError(f"data path '{root}' does not exist: pass --data_path, set $MVTEC_AD_PATH, or let train.py "
+                        f"fetch MVTec AD there with --download mvtec_ad")
     return Path(root)
 
 

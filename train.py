@@ -12,6 +12,7 @@ import torch
 from calibration import calibrate
 from config import PatchCoreConfig, RunConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
+from download import ensure_dataset
 from patchcore import PatchCore, read_checkpoint
 
 
@@ -73,6 +74,8 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
     model_config.validate()
     device = run.resolved_device()
     data_path = run.resolved_data_path()
+    if run.download:
+        data_path = str(ensure_dataset(data_path, run.download))
     categories = list_categories(data_path) if run.category == "all" else [run.category]
     datasets = {c: MVTecDataset(data_path, c, "train", model_config.resize, model_config.image_size) for c in categories}
     model = PatchCore(model_config, device)
