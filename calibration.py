@@ -70,9 +70,12 @@ def calibrate(image_scores: np.ndarray, map_maxima: np.ndarray, false_alarm_rate
                        tuple(float(s) for s in image_scores), tuple(float(m) for m in map_maxima))
 
 
-def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """False-alarm rate on good images, recall on defective ones and precision of 'anomalous: score > threshold'."""
-    labels, flagged = np.asarray(labels).astype(bool), np.asarray(scores) > threshold
+def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                    inclusive: bool = False) -> dict[str, float | None]:
+    """False-alarm rate on good images, recall on defective ones and precision of 'anomalous: score > threshold'
+    (``inclusive``: score >= threshold, as for the F1-optimal threshold of metrics.f1_max)."""
+    scores = np.asarray(scores)
+    labels, flagged = np.asarray(labels).astype(bool), scores >= threshold if inclusive else scores > threshold
     good, defective = ~labels, labels
     return {"threshold": float(threshold),
             "false_alarm_rate": float(flagged[good].mean()) if good.any() else None,

@@ -54,12 +54,14 @@ def predict(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, category: 
 
 
 def category_metrics(p: Predictions, category: str) -> dict:
-    """Image AUROC and F1-max; pixel AUROC and PRO where every defective image has a mask."""
+    """Image AUROC, F1-max and its operating point (chosen with the test labels: the oracle); pixel AUROC and PRO
+    where every defective image has a mask."""
     if len(set(p.labels.tolist())) < 2:
         raise UserError(f"the test set of '{category}' needs good and defective images to compute AUROC")
     f1, threshold = metrics.f1_max(p.labels, p.scores)
     result = {"image_auroc": metrics.image_auroc(p.labels, p.scores), "pixel_auroc": None, "pro": None,
-              "image_f1_max": f1, "image_threshold": threshold, "pixel_threshold": None}
+              "image_f1_max": f1, "image_threshold": threshold, "pixel_threshold": None,
+              "f1_max_point": operating_point(p.labels, p.scores, threshold, inclusive=True)}
     if p.has_masks and p.masks.any():
         result.update(pixel_auroc=metrics.pixel_auroc(p.masks, p.maps), pro=metrics.pro_score(p.masks, p.maps),
                       pixel_threshold=metrics.optimal_pixel_threshold(p.masks, p.maps))

@@ -106,22 +106,26 @@ class PatchEmbedding(nn.Module):
 
 
 def greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
-                   num_starts: int = 10, progress: bool = True) -> torch.Tensor:
+                   num_starts: int = 10, progress: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the reference's approximate greedy k-center coreset, chosen on a seeded random projection.
 
     As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
     each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
     and the distance to the pick. The distances are updated with one matrix-vector product per pick (no N x N
     matrix), on the features' device. The picks equal plain greedy k-center on the same projection and start.
+    ``rows`` restricts the choice to those rows of ``features`` (the picks are the coreset of ``features[rows]``,
+    returned as indices into ``features``) without copying the full-width features.
     """
-    num_points = len(features)
+    num_points = len(features) if rows is None else len(rows)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
-        return torch.arange(num_points, device=features.device)
+        return torch.arange(num_points, device=features.device) if rows is None else rows
     generator = torch.Generator().manual_seed(seed)
     projection = torch.randn(features.shape[1], projection_dim, generator=generator, dtype=features.dtype)
     starts = torch.randint(num_points, (num_starts,), generator=generator)
     points = features @ projection.to(features.device)
+    if rows is not None:
+        points = points[rows]
     squared_norms = points.square().sum(1)
     nearest = torch.cdist(points, points[starts.to(features.device)]).mean(1).square()
     columns = points.T.contiguous()  # (projection_dim, N): the per-pick product streams memory in order
@@ -133,7 +137,7 @@ def greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 1
         torch.addmv(squared_norms, columns.T, columns[:, pick], alpha=-2, out=distances)
         distances += squared_norms[pick]
         torch.minimum(nearest, distances, out=nearest)
-    return picks
+    return picks if rows is None else rows[picks]
 
 
 class NearestNeighbours:
@@ -270,9 +274,10 @@ class PatchCore:
     def fit(self, loader: DataLoader, held_out: Sequence[int] = ()) -> dict:
         """Build the memory bank from nominal training images; returns seconds per stage and sizes.
 
-        With ``held_out`` (indices into the loader's data set), those images are also scored against the bank less
-        the entries taken from them, as unseen good images, for calibration; their scores and map maxima are
-        returned under 'held_out'. The bank itself keeps every image's patches.
+        With ``held_out`` (indices into the loader's data set), those images are also scored, for calibration, as
+        unseen good images: against the coreset (same ratio and seed) of the other images' patches, which is the bank
+        that training on the other images alone would build. Their scores and map maxima are returned under
+        'held_out'. The memory bank itself keeps every image's patches.
         """
         start = time.perf_counter()
         features, filled = None, 0
@@ -294,25 +299,26 @@ class PatchCore:
                   "num_patches": filled, "memory_bank_size": len(picks), "feature_grid": grid}
         if held_out:
             start = time.perf_counter()
-            report["held_out"] = self._score_held_out(features.view(-1, *grid, features.shape[1]), picks, held_out)
+            report["held_out"] = self._score_held_out(features, grid, held_out)
             report["calibration_s"] = time.perf_counter() - start
         return report
 
-    def _score_held_out(self, features: torch.Tensor, picks: torch.Tensor, held_out: Sequence[int],
+    def _score_held_out(self, features: torch.Tensor, grid: list[int], held_out: Sequence[int],
                         batch_size: int = 32) -> dict[str, list[float]]:
-        """Scores and map maxima of the ``held_out`` images (features (N, h, w, D)) against the bank without the
-        entries picked from them."""
+        """Scores and map maxima of the ``held_out`` images (rows of ``features``, grid[0] * grid[1] per image)
+        against the coreset of the other images' patches."""
+        patches_per_image = grid[0] * grid[1]
         held_out = torch.as_tensor(list(held_out), device=features.device)
-        patches_per_image = features.shape[1] * features.shape[2]
-        kept = picks[~torch.isin(picks // patches_per_image, held_out)]
-        if len(kept) == 0:  # tiny or uniform sets, where every pick came from held-out images: all other patches
-            every = torch.arange(len(features) * patches_per_image, device=features.device)
-            kept = every[~torch.isin(every // patches_per_image, held_out)]
-        bank = features.flatten(0, 2)[kept]
+        every = torch.arange(len(features), device=features.device)
+        others = every[~torch.isin(every // patches_per_image, held_out)]
+        picks = greedy_coreset(features, self.config.coreset_ratio, self.config.projection_dim, self.config.seed,
+                               rows=others)
+        bank = features[picks]
         neighbours = NearestNeighbours(bank)
+        images = features.view(-1, *grid, features.shape[1])
         scores, maxima = [], []
         for part in held_out.split(batch_size):
-            image_scores, maps = self._score(features[part], neighbours, bank)
+            image_scores, maps = self._score(images[part], neighbours, bank)
             scores += image_scores.tolist()
             maxima += maps.flatten(1).max(1).values.tolist()
         return {"image_scores": scores, "map_maxima": maxima}
@@ -405,7 +411,7 @@ class PatchCore:
         """A model ready to inspect, and the checkpoint's contents; UserError for damaged or foreign files."""
         checkpoint = read_checkpoint(path)
         config = PatchCoreConfig(**{**checkpoint["config"], "layers": tuple(checkpoint["config"]["layers"])})
-        config.validate()
+        config.validate()  # before building the backbone it names
         extractor = FeatureExtractor(config.backbone, config.weights, config.layers, state=checkpoint["backbone_state"])
         if extractor.weights_digest != checkpoint["weights_digest"]:
             raise UserError(f"checkpoint '{path}' is damaged (its backbone weights do not match their digest): "

@@ -43,19 +43,21 @@ def held_out_indices(count: int, fraction: float, seed: int, category: str) -> l
 
 def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: RunConfig, data_path: str, category: str) -> dict:
     """Build the memory bank from every training image and set the thresholds from good images it has not seen:
-    validation/good when the category has one, else a held-out part of train/good, scored against the bank less
-    the entries taken from those images."""
+    validation/good when the category has one, else a held-out part of train/good, scored against the coreset of
+    the other training images (the bank a model trained without them would have)."""
     config, device = model.config, model.device
     validation = Path(data_path, category, "validation", GOOD).is_dir()
     held_out = [] if validation else held_out_indices(len(dataset), config.calibration_fraction, config.seed, category)
     timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), held_out)
     if validation:
+        start = time.perf_counter()
         calibration_set = MVTecDataset(data_path, category, "validation", config.resize, config.image_size)
         samples, scores, maxima = calibration_set.samples, [], []
         for batch in make_loader(calibration_set, run.batch_size, run.num_workers, device):
             image_scores, maps = model.predict(batch["image"])
             scores += image_scores.tolist()
             maxima += maps.flatten(1).max(1).values.tolist()
+        timings["calibration_s"] = time.perf_counter() - start
     else:
         samples = [dataset.samples[i] for i in held_out]
         held = timings.pop("held_out")
@@ -93,7 +95,8 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
         model.save(path, category=category, data_path=str(Path(data_path).resolve()), device=str(device),
                    num_train_images=len(dataset), timings=timings)
         print(f"[{category}] memory bank {timings['memory_bank_size']:,} of {timings['num_patches']:,} patches; "
-              f"features {timings['features_s']:.1f} s, coreset {timings['coreset_s']:.1f} s -> {path}")
+              f"features {timings['features_s']:.1f} s, coreset {timings['coreset_s']:.1f} s, calibration "
+              f"{timings['calibration_s']:.1f} s -> {path}")
         trained.append(category)
     print(f"trained {len(trained)}, skipped {len(skipped)} categories in {time.perf_counter() - start:.1f} s")
 

@@ -80,6 +80,8 @@ def test_operating_point() -> None:
     scores = np.array([0.1, 0.2, 0.3, 0.9, 0.5, 0.95, 0.3])
     assert operating_point(labels, scores, 0.3) == {"threshold": 0.3, "false_alarm_rate": 0.25, "recall": 2 / 3,
                                                     "precision": 2 / 3}  # strictly above: 0.3 is not flagged
+    assert operating_point(labels, scores, 0.3, inclusive=True) == {"threshold": 0.3, "false_alarm_rate": 0.5,
+                                                                    "recall": 1.0, "precision": 0.6}
 
 
 def test_held_out_indices() -> None:
@@ -108,23 +110,25 @@ def test_train_stores_thresholds_from_held_out_images(trained_tiles: Trained) ->
     assert "thresholds for 1.0% false alarms from 3 held-out train/good images" in trained_tiles.train_output
 
 
-def test_held_out_images_are_scored_without_their_own_bank_entries(data_root: Path) -> None:
-    """At coreset ratio 1 the bank is every patch: the held-out images, scored without their own patches, score as
-    against a bank of the other images' patches, and far above their ~0 score against the full bank."""
-    config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset_ratio": 1.0})
+@pytest.mark.parametrize("ratio", [0.1, 1.0])
+def test_held_out_images_are_scored_as_by_a_model_trained_without_them(data_root: Path, ratio: float) -> None:
+    """The held-out images score exactly as against the bank of a model trained on the other images alone (same
+    ratio and seed); at ratio 1 the full bank holds their own patches, against which they score about 0."""
+    config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset_ratio": ratio})
     train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
     held_out = [2, 5, 11]
+    images = torch.stack([train[i]["image"] for i in held_out])
     model = PatchCore(config, CPU)
     report = model.fit(make_loader(train, 8, 0, CPU), held_out)
+    assert len(model.memory_bank) == int(TILES_COUNTS["train"] * 64 * ratio)  # every image's patches
     others = PatchCore(config, CPU, extractor=model.extractor)
     train.samples = [s for i, s in enumerate(train.samples) if i not in held_out]
     others.fit(make_loader(train, 8, 0, CPU))
-    images = torch.stack([MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)[i]["image"]
-                          for i in held_out])
     scores, maps = others.predict(images)
     np.testing.assert_allclose(report["held_out"]["image_scores"], scores.numpy(), rtol=1e-4)
     np.testing.assert_allclose(report["held_out"]["map_maxima"], maps.flatten(1).max(1).values.numpy(), rtol=1e-4)
-    assert (model.predict(images)[0] < 0.05 * scores).all()  # ~0 up to float rounding
+    if ratio == 1.0:
+        assert (model.predict(images)[0] < 0.05 * scores).all()  # ~0 up to float rounding
 
 
 def test_validation_good_folder_is_used_for_calibration(trained_tiles: Trained, tmp_path: Path) -> None:
@@ -277,6 +281,10 @@ def test_evaluate_reports_the_stored_operating_point(trained_tiles: Trained, eva
     assert tiles["calibration"] == {"source": "held-out train/good", "images": 3, "rule": "gumbel",
                                     "pixel_threshold": pytest.approx(tiles["calibration"]["pixel_threshold"])}
     assert tiles["recall"] > 0.5  # the strong synthetic defects are mostly caught at a threshold set without them
+    f1_point = operating_point(labels, scores, tiles["image_threshold"], inclusive=True)
+    assert tiles["f1_max_point"] == pytest.approx(f1_point)
+    assert 2 * f1_point["precision"] * f1_point["recall"] / (f1_point["precision"] + f1_point["recall"]) == \
+        pytest.approx(tiles["image_f1_max"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,15 @@ def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float) -> 
     assert plain_greedy_coreset(features, ratio, 16, seed).tolist() == picks.tolist()  # the benchmark's 'before'
 
 
+@pytest.mark.parametrize("ratio", [0.1, 1.0])
+def test_greedy_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float) -> None:
+    features = torch.randn(300, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    rows = torch.arange(300)[torch.arange(300) % 5 != 2]
+    picks = greedy_coreset(features, ratio, projection_dim=16, seed=3, progress=False, rows=rows)
+    assert picks.tolist() == rows[greedy_coreset(features[rows], ratio, projection_dim=16, seed=3,
+                                                 progress=False)].tolist()
+
+
 def test_greedy_coreset_keeps_everything_at_ratio_one() -> None:
     features = torch.randn(50, 8, dtype=torch.float64)
     assert torch.equal(greedy_coreset(features, 1.0, projection_dim=4, progress=False), torch.arange(50))
