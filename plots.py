@@ -206,9 +206,9 @@ def _contour(ax: plt.Axes, region: np.ndarray, **style) -> None:
 
 def _draw_heat_and_overlay(fig: Figure, ax_heat: plt.Axes, ax_overlay: plt.Axes, image: np.ndarray,
                            anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float,
-                           colorbar_label: str | None = None) -> list[Line2D]:
+                           colorbar_label: str | None = None, region_label: str | None = None) -> list[Line2D]:
     """The heat map with its colour bar, and the image under a translucent map with the region ``anomaly_map >
-    threshold`` outlined in white; returns the outline's legend entry."""
+    threshold`` outlined in white; returns the outline's legend entry (``region_label``, or the threshold)."""
     heat = ax_heat.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax)
     fig.colorbar(heat, ax=ax_heat, shrink=0.85, label=colorbar_label)
     ax_heat.set_title("anomaly map")
@@ -216,7 +216,7 @@ def _draw_heat_and_overlay(fig: Figure, ax_heat: plt.Axes, ax_overlay: plt.Axes,
     ax_overlay.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax, alpha=0.45)
     _contour(ax_overlay, anomaly_map > threshold, colors="white", linewidths=1.5)
     ax_overlay.set_title("overlay")
-    return [Line2D([], [], color="white", linewidth=1.5, label=f"predicted (> {threshold:.3g})")]
+    return [Line2D([], [], color="white", linewidth=1.5, label=region_label or f"predicted (> {threshold:.3g})")]
 
 
 def _finish_map_figure(fig: Figure, axes: list[plt.Axes], outlines: list[Line2D], title: str,
@@ -275,7 +275,8 @@ def save_inspection_figure(path: str | os.PathLike, image: np.ndarray, normalize
     ax_image.imshow(image)
     ax_image.set_title("input")
     outlines = _draw_heat_and_overlay(fig, ax_heat, ax_overlay, image, normalized_map, 0.0, 2.0, 1.0,
-                                      colorbar_label="map / pixel threshold")
+                                      colorbar_label="map / pixel threshold",
+                                      region_label="defect region (above the pixel threshold)")
     return _finish_map_figure(fig, list(axes), outlines, title, path)
 
 

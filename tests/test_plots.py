@@ -103,6 +103,22 @@ def test_anomaly_map_figure_rejects_size_mismatch(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("scale", [1.5, 0.1])  # a region, and none
+def test_inspection_figure(tmp_path: Path, scale: float) -> None:
+    image, _, anomaly_map = _map_inputs()
+    path = plots.save_inspection_figure(tmp_path / "sub" / "map.png", image, anomaly_map * scale / 2,
+                                        "000.png: ANOMALOUS, score 2.9 = 1.5 x threshold")
+    _assert_png(path, 810, 306)
+
+
+def test_inspection_figure_rejects_size_mismatch(tmp_path: Path) -> None:
+    image, _, anomaly_map = _map_inputs()
+    with pytest.raises(ValueError):
+        plots.save_inspection_figure(tmp_path / "map.png", image, anomaly_map[:32], "t")
+    assert not list(tmp_path.iterdir())
+
+
 def test_select_map_indices() -> None:
     labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
     scores = np.array([0.1, 0.9, 0.5, 0.2, 0.8, 0.3, 0.7, 0.95])
