@@ -175,7 +175,7 @@ def plot_score_distributions(scores: dict[str, tuple[np.ndarray, np.ndarray, flo
     for ax in axes.flat[len(scores):]:
         ax.set_visible(False)
     handles, names = max((ax.get_legend_handles_labels() for ax in axes.flat[:len(scores)]), key=lambda h: len(h[0]))
-    fig.legend(handles, names, loc="outside lower center", ncol=4 if len(scores) > 2 else 2)
+    fig.legend(handles, names, loc="outside lower center", ncol={1: 1, 2: 2}.get(len(scores), 4))
     fig.suptitle("Image score distributions")
     return _save(fig, path)
 
@@ -191,7 +191,7 @@ def draw_score_histogram(ax: plt.Axes, labels: np.ndarray, scores: np.ndarray, t
     ax.hist(scores[~labels], bins=bins, color="tab:blue", alpha=0.6, label="good")
     ax.hist(scores[labels], bins=bins, color="tab:red", alpha=0.6, label="defective")
     if threshold is not None:
-        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label="F1-optimal threshold (test labels)")
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label="F1-optimal threshold (with test labels)")
     if stored_threshold is not None:
         ax.axvline(stored_threshold, color="tab:green", linewidth=1.6, label="stored threshold (good images only)")
     ax.set(xlabel="image score", ylabel="images")
