@@ -2,8 +2,9 @@
 
 train.py scores nominal images the memory bank has not seen (the category's validation/good folder, else a seeded
 held-out part of train/good) and sets the image-score threshold so that about ``false_alarm_rate`` of good images
-score above it: an image is anomalous when its score is above the threshold. The pixel threshold, which draws the defect regions, follows the same rule on each image's map
-maximum, so a region appears on a good image about as rarely as a false alarm does.
+score above it: an image is anomalous when its score is above the threshold. The pixel threshold, which draws the
+defect regions, follows the same rule on each image's map maximum, so a region appears on a good image about as
+rarely as a false alarm does.
 """
 from __future__ import annotations
 

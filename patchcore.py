@@ -382,10 +382,15 @@ class PatchCore:
         if isinstance(images, torch.Tensor):
             batches = [images]
         else:
-            size = (self.config.resize, self.config.image_size)
-            batches = (torch.stack([load_image(x, *size) if isinstance(x, (str, Path)) else image_tensor(x, *size)
-                                    for x in images[i:i + batch_size]]) for i in range(0, len(images), batch_size))
-        scores, maps = zip(*((s.cpu().numpy(), m.cpu().numpy()) for s, m in map(self.predict, batches)))
+            geometry = (self.config.resize, self.config.image_size)
+            batches = (torch.stack([load_image(x, *geometry) if isinstance(x, (str, Path))
+                                    else image_tensor(x, *geometry) for x in images[i:i + batch_size]])
+                       for i in range(0, len(images), batch_size))
+        size = self.config.image_size
+        scores, maps = [np.empty(0, np.float32)], [np.empty((0, size, size), np.float32)]  # for no images at all
+        for image_scores, image_maps in map(self.predict, batches):
+            scores.append(image_scores.cpu().numpy())
+            maps.append(image_maps.cpu().numpy())
         return Inspection(np.concatenate(scores), np.concatenate(maps), *self.thresholds(threshold))
 
     def save(self, path: str | Path, **metadata) -> Path:

@@ -124,6 +124,16 @@ def _weights_file_corrupt(ws: Workspace) -> Case:
     return Case("train.py", ws.train(ws.data_root, "tiles", "--weights", path), [f"'{path}'"])
 
 
+def _tampered_backbone(ws: Workspace) -> Case:
+    """A checkpoint whose stored backbone weights no longer match their digest."""
+    path = ws.checkpoints / "tampered.pt"
+    checkpoint = torch.load(ws.checkpoints / "tiles.pt", weights_only=True)
+    checkpoint["backbone_state"]["conv1.weight"] += 1
+    torch.save(checkpoint, path)
+    return Case("predict.py", ["--category", "tampered", "--checkpoint_dir", ws.checkpoints,
+                               ws.data_root / "tiles" / "test" / "good"], [f"'{path}'", "digest", "train.py"])
+
+
 def _checkpoint_file(content: Callable[[Path], None]) -> Callable[[Workspace], Case]:
     def case(ws: Workspace) -> Case:
         path = ws.checkpoints / "broken.pt"
@@ -182,6 +192,7 @@ CASES = {
                                                                                            "train.py"]),
     "evaluate corrupt checkpoint": _checkpoint_file(lambda path: path.write_bytes(os.urandom(5000))),
     "evaluate foreign torch file": _checkpoint_file(lambda path: torch.save({"a": 1}, path)),
+    "predict with tampered backbone weights": _tampered_backbone,
     "evaluate corrupt test image": _corrupt_test_file("test/blob/002.png"),
     "evaluate corrupt mask": _corrupt_test_file("ground_truth/scratch/001_mask.png"),
     "evaluate test set without defects": _test_set_without_defects,

@@ -267,6 +267,8 @@ def test_api_scores_paths_and_arrays_alike(trained_tiles: Trained) -> None:
     np.testing.assert_array_equal(from_paths.region_fractions, (from_paths.maps > pixel_threshold).mean((1, 2)))
     doubled = model.inspect(paths, threshold=2 * image_threshold)
     assert doubled.pixel_threshold == pytest.approx(2 * pixel_threshold)  # scales with the image threshold
+    nothing = model.inspect([])
+    assert nothing.scores.shape == (0,) and nothing.maps.shape == (0, 64, 64) and nothing.anomalous.shape == (0,)
 
 
 def test_evaluate_reports_the_stored_operating_point(trained_tiles: Trained, evaluated: Path) -> None:
