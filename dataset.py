@@ -95,8 +95,9 @@ def read_pixels(path: str | Path) -> np.ndarray:
     """An image file's pixels at their real value range, as image_tensor takes them: (H, W, 1) gray or (H, W, 3) RGB.
 
     By Pillow mode:
-      1, L, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV -> uint8 RGB by Pillow's convert("RGB")
-          (palette to its colours, alpha dropped): the very pixels 8-bit images have always loaded as;
+      L -> uint8 gray (one channel, the same values as its RGB);
+      1, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV -> uint8 RGB by Pillow's convert("RGB")
+          (palette to its colours, alpha dropped);
       I;16, I;16L, I;16B, I;16N (16-bit gray PNG, TIFF) -> uint16;
       I (32-bit integer: int TIFFs, and 16-bit PNGs in some Pillow versions) -> uint16 if all within 0..65535;
       F (32-bit float TIFF) -> float32 if all finite and within [0, 1].
@@ -106,7 +107,8 @@ def read_pixels(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             mode = image.mode
-            if mode in _EIGHT_BIT_MODES:  # La (premultiplied alpha) converts to RGB only by way of LA
+            if mode in _EIGHT_BIT_MODES and mode != "L":  # L stays one channel: resized once, not thrice
+                # La (premultiplied alpha) converts to RGB only by way of LA
                 image = (image.convert("LA") if mode == "La" else image).convert("RGB")
             pixels = np.asarray(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
