@@ -14,6 +14,9 @@ import torch
 
 DATA_PATH_ENV = "MVTEC_AD_PATH"
 DEFAULT_DATA_PATH = "data/mvtec_ad"
+CORESET_MODES = ("auto", "exact", "sharded")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SEARCHES = ("flat", "ivf")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
 
 
@@ -53,6 +56,18 @@ class PatchCoreConfig:
                                             "thresholds from good images only")
     calibration_fraction: float = _option(0.2, "share of train/good held out to set the thresholds when the category "
                                                "has no validation/good folder; the memory bank still uses every image")
+    coreset: str = _option("auto", "'exact' greedy coreset, 'sharded' (greedy on random shards of at most "
+                                   "--coreset_shard_size patches, merged: far faster on big sets), or 'auto' "
+                                   "(sharded above that size)", choices=CORESET_MODES)
+    coreset_shard_size: int = _option(250_000, "training patches above which 'auto' shards the coreset (about 320 "
+                                               "images at 224 px)")
+    search: str = _option("flat", "nearest-neighbour search: 'flat' (exact) or 'ivf' (faiss inverted file: "
+                                  "approximate, for banks of 100k+ entries)", choices=SEARCHES)
+    ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")
+    precision: str = _option("auto", "'fp32', 'bf16' (backbone under bf16 autocast; on the CPU also a bf16 k-NN "
+                                     "candidate search re-ranked in fp32), 'fp16' (backbone under fp16 autocast), or "
+                                     "'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise",
+                               choices=PRECISIONS)
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot work."""
@@ -75,6 +90,31 @@ class PatchCoreConfig:
         for name in ("false_alarm_rate", "calibration_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"--{f.name} takes one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
+        for name in ("coreset_shard_size", "ivf_probe"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+    def resolved_precision(self, device: torch.device) -> str:
+        """The precision 'auto' stands for on ``device``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+        if self.precision != "auto":
+            return self.precision
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16, AMX, or Arm BF16), from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @dataclass
@@ -107,6 +147,10 @@ class TrainConfig(RunConfig):
     download: str | None = _option(None, "'mvtec_ad' or 'visa': fetch that data set into the data path when it is "
                                          "missing (VisA is arranged in the MVTec layout once)")
     skip_existing: bool = _option(False, "skip categories whose checkpoint is valid and made with the same settings")
+    feature_store: str = _option("auto", "where training keeps every patch's full features while the coreset is "
+                                         "chosen: 'memory', 'disk' (a temporary file in $TMPDIR; only the 128-d "
+                                         "projections stay in memory), or 'auto' (disk when they would fill over a "
+                                         "quarter of the free memory)", choices=("auto", "memory", "disk"))
 
     def resolved_data_path(self) -> str:
         """--data_path, else the environment variable, else the default."""
@@ -152,7 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         else:
             kind = {int: int, float: float}.get(hint, str)
             shown = "" if default in (None, "") else f" (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, help=help_text + shown)
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                                help=help_text + shown)
 
 
 def _without_none(hint: Any) -> Any:

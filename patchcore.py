@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
-import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,10 +23,14 @@ from atomic import atomic_write
 from backbone import FeatureExtractor
 from calibration import Calibration
 from config import PatchCoreConfig, UserError
+from coreset import FeatureStore, Projection, choose_coreset
 from dataset import image_tensor, load_image
+from search import NearestNeighbours
 
 CHECKPOINT_FORMAT = "patchcore-memory-bank"
 CHECKPOINT_VERSION = 2  # 2: carries the backbone weights and the calibrated thresholds
+FIELDS_ADDED_IN_VERSION_2 = {"coreset", "coreset_shard_size", "search", "ivf_probe", "precision"}  # take their defaults when absent
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _adaptive_bins(in_len: int, out_len: int) -> list[tuple[int, int]]:
@@ -105,79 +108,6 @@ class PatchEmbedding(nn.Module):
         return out.permute(0, 2, 3, 1)
 
 
-def greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
-                   num_starts: int = 10, progress: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the reference's approximate greedy k-center coreset, chosen on a seeded random projection.
-
-    As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
-    each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
-    and the distance to the pick. The distances are updated with one matrix-vector product per pick (no N x N
-    matrix), on the features' device. The picks equal plain greedy k-center on the same projection and start.
-    ``rows`` restricts the choice to those rows of ``features`` (the picks are the coreset of ``features[rows]``,
-    returned as indices into ``features``) without copying the full-width features.
-    """
-    num_points = len(features) if rows is None else len(rows)
-    count = max(1, int(num_points * ratio))
-    if count >= num_points:
-        return torch.arange(num_points, device=features.device) if rows is None else rows
-    generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(features.shape[1], projection_dim, generator=generator, dtype=features.dtype)
-    starts = torch.randint(num_points, (num_starts,), generator=generator)
-    points = features @ projection.to(features.device)
-    if rows is not None:
-        points = points[rows]
-    squared_norms = points.square().sum(1)
-    nearest = torch.cdist(points, points[starts.to(features.device)]).mean(1).square()
-    columns = points.T.contiguous()  # (projection_dim, N): the per-pick product streams memory in order
-    picks = torch.empty(count, dtype=torch.long, device=features.device)
-    distances = torch.empty_like(nearest)
-    for i in tqdm(range(count), desc="coreset", unit="pick", disable=not progress, mininterval=1.0):
-        pick = nearest.argmax()
-        picks[i] = pick
-        torch.addmv(squared_norms, columns.T, columns[:, pick], alpha=-2, out=distances)
-        distances += squared_norms[pick]
-        torch.minimum(nearest, distances, out=nearest)
-    return picks if rows is None else rows[picks]
-
-
-class NearestNeighbours:
-    """Exact L2 nearest neighbours in the memory bank: a faiss flat index (on the GPU with faiss-gpu),
-    or a chunked torch search on a GPU when faiss has no GPU support."""
-
-    def __init__(self, bank: torch.Tensor):
-        self.bank = bank.float().contiguous()
-        dim = self.bank.shape[1]
-        if self.bank.device.type == "cpu":
-            self.index = faiss.IndexFlatL2(dim)
-        elif hasattr(faiss, "StandardGpuResources"):
-            self.resources = faiss.StandardGpuResources()
-            config = faiss.GpuIndexFlatConfig()
-            config.device = self.bank.device.index or 0
-            self.index = faiss.GpuIndexFlatL2(self.resources, dim, config)
-        else:
-            self.index = None
-            self.bank_norms = self.bank.square().sum(1)
-        if self.index is not None:
-            self.index.add(self.bank)
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2 distances (M, k) and bank indices (M, k) of each query's k nearest bank entries."""
-        queries = queries.float().contiguous()
-        if self.index is not None:
-            squared, indices = self.index.search(queries, k)
-        else:
-            squared, indices = self._torch_search(queries, k)
-        return squared.clamp_min(0).sqrt(), indices
-
-    def _torch_search(self, queries: torch.Tensor, k: int, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-        results = [
-            torch.addmm(self.bank_norms, part, self.bank.T, alpha=-2).add_(part.square().sum(1, keepdim=True))
-            .topk(k, dim=1, largest=False)
-            for part in queries.split(chunk)
-        ]
-        return torch.cat([r.values for r in results]), torch.cat([r.indices for r in results])
-
-
 def _upsampling_matrix(source: int, target: int) -> torch.Tensor:
     """(target, source) matrix of 1-D linear interpolation, F.interpolate(mode="linear", align_corners=False)."""
     identity = torch.eye(source, dtype=torch.float64)[None]
@@ -253,6 +183,7 @@ class PatchCore:
     def __init__(self, config: PatchCoreConfig, device: torch.device, extractor: FeatureExtractor | None = None):
         config.validate()
         self.config, self.device = config, device
+        self.precision = config.resolved_precision(device)
         if extractor is None:
             torch.manual_seed(config.seed)  # makes --weights none reproducible
             extractor = FeatureExtractor(config.backbone, config.weights, config.layers)
@@ -266,66 +197,96 @@ class PatchCore:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, S, S) -> patch features (B, h, w, D), float32 on the model's device."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             maps = self.extractor(images)
         return self.embedding([m.float() for m in maps])
 
     @torch.inference_mode()
-    def fit(self, loader: DataLoader, held_out: Sequence[int] = ()) -> dict:
+    def fit(self, loader: DataLoader, held_out: Sequence[int] = (), feature_store: str = "memory") -> dict:
         """Build the memory bank from nominal training images; returns seconds per stage and sizes.
 
-        With ``held_out`` (indices into the loader's data set), those images are also scored, for calibration, as
-        unseen good images: against the coreset (same ratio and seed) of the other images' patches, which is the bank
-        that training on the other images alone would build. Their scores and map maxima are returned under
-        'held_out'. The memory bank itself keeps every image's patches.
+        ``feature_store`` 'disk' keeps the full patch features in a temporary file while the coreset is chosen on
+        their projections (which alone stay in memory), 'auto' does so when they would crowd the free memory; the
+        memory bank is the same. With ``held_out`` (indices into the loader's data set), those images are also
+        scored, for calibration, as unseen good images: against the coreset (same settings) of the other images'
+        patches, which is the bank that training on the other images alone would build. Their scores and map
+        maxima are returned under 'held_out'. The memory bank itself keeps every image's patches.
         """
         start = time.perf_counter()
-        features, filled = None, 0
-        for batch in tqdm(loader, desc="features", unit="batch"):
-            embedded = self.embed(batch["image"])
-            patches = embedded.flatten(0, 2)
-            if features is None:  # one allocation for the whole set: no concatenation copy
-                grid = list(embedded.shape[1:3])
-                features = torch.empty(len(loader.dataset) * grid[0] * grid[1], patches.shape[1], device=self.device)
-            features[filled:filled + len(patches)] = patches
-            filled += len(patches)
-        _sync(self.device)
-        features_s = time.perf_counter() - start
-        start = time.perf_counter()
-        picks = greedy_coreset(features, self.config.coreset_ratio, self.config.projection_dim, self.config.seed)
-        self.set_memory_bank(features[picks])
-        _sync(self.device)
-        report = {"features_s": features_s, "coreset_s": time.perf_counter() - start,
-                  "num_patches": filled, "memory_bank_size": len(picks), "feature_grid": grid}
-        if held_out:
+        config = self.config
+        projection = Projection(config.embedding_dim, config.projection_dim, config.seed)
+        matrix = projection.matrix.to(self.device)
+        store = None
+        try:
+            for batch in tqdm(loader, desc="features", unit="batch"):
+                embedded = self.embed(batch["image"])
+                patches = embedded.flatten(0, 2)
+                if store is None:  # sized once from the first batch: no concatenation copies
+                    grid = list(embedded.shape[1:3])
+                    store = self._feature_store(len(loader.dataset) * grid[0] * grid[1], feature_store)
+                    columns = torch.empty(config.projection_dim, store.num_rows, device=self.device)
+                columns[:, store.filled:store.filled + len(patches)] = (patches @ matrix).T
+                store.append(patches)
+            _sync(self.device)
+            features_s = time.perf_counter() - start
             start = time.perf_counter()
-            report["held_out"] = self._score_held_out(features, grid, held_out)
-            report["calibration_s"] = time.perf_counter() - start
-        return report
+            picks, shards = choose_coreset(columns, config.coreset_ratio, projection, config.coreset,
+                                           config.coreset_shard_size)
+            if shards > 1:
+                print(f"coreset: greedy on {shards} shards of ~{store.num_rows // shards:,} patches, merged "
+                      f"(--coreset {config.coreset}, --coreset_shard_size {config.coreset_shard_size:,})")
+            self.set_memory_bank(store.rows(picks))
+            _sync(self.device)
+            report = {"features_s": features_s, "coreset_s": time.perf_counter() - start,
+                      "num_patches": store.filled, "memory_bank_size": len(picks), "feature_grid": grid,
+                      "coreset_shards": shards, "feature_store": "disk" if store.on_disk else "memory"}
+            if held_out:
+                start = time.perf_counter()
+                report["held_out"] = self._score_held_out(store, columns, projection, grid, held_out)
+                report["calibration_s"] = time.perf_counter() - start
+            return report
+        finally:
+            if store is not None:
+                store.close()
 
-    def _score_held_out(self, features: torch.Tensor, grid: list[int], held_out: Sequence[int],
-                        batch_size: int = 32) -> dict[str, list[float]]:
-        """Scores and map maxima of the ``held_out`` images (rows of ``features``, grid[0] * grid[1] per image)
+    def _feature_store(self, num_rows: int, mode: str) -> FeatureStore:
+        """The store of the training features: on disk when ``mode`` says so, or says 'auto' and memory is short."""
+        dim = self.config.embedding_dim
+        on_disk = FeatureStore.should_use_disk(num_rows, dim, self.device, mode)
+        if on_disk and mode == "auto":
+            print(f"features of {num_rows:,} patches ({num_rows * dim * 4 / 2**30:.1f} GiB) would crowd the free "
+                  f"memory: kept in a temporary file, only their projections in memory (--feature_store memory "
+                  f"forces memory)")
+        return FeatureStore(num_rows, dim, self.device, on_disk)
+
+    def _score_held_out(self, store: FeatureStore, columns: torch.Tensor, projection: Projection, grid: list[int],
+                        held_out: Sequence[int], batch_size: int = 32) -> dict[str, list[float]]:
+        """Scores and map maxima of the ``held_out`` images (rows of ``store``, grid[0] * grid[1] per image)
         against the coreset of the other images' patches."""
         patches_per_image = grid[0] * grid[1]
-        held_out = torch.as_tensor(list(held_out), device=features.device)
-        every = torch.arange(len(features), device=features.device)
-        others = every[~torch.isin(every // patches_per_image, held_out)]
-        picks = greedy_coreset(features, self.config.coreset_ratio, self.config.projection_dim, self.config.seed,
-                               rows=others)
-        bank = features[picks]
-        neighbours = NearestNeighbours(bank)
-        images = features.view(-1, *grid, features.shape[1])
+        held_out = torch.as_tensor(list(held_out))
+        every = torch.arange(store.filled)
+        others = every[~torch.isin(every // patches_per_image, held_out)].to(columns.device)
+        picks, _ = choose_coreset(columns, self.config.coreset_ratio, projection, self.config.coreset,
+                                  self.config.coreset_shard_size, rows=others)
+        bank = store.rows(picks)
+        neighbours = self._neighbours(bank)
+        offsets = torch.arange(patches_per_image)
         scores, maxima = [], []
         for part in held_out.split(batch_size):
-            image_scores, maps = self._score(images[part], neighbours, bank)
+            features = store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
+            image_scores, maps = self._score(features, neighbours, bank)
             scores += image_scores.tolist()
             maxima += maps.flatten(1).max(1).values.tolist()
         return {"image_scores": scores, "map_maxima": maxima}
 
+    def _neighbours(self, bank: torch.Tensor) -> NearestNeighbours:
+        return NearestNeighbours(bank, self.config.search, self.config.ivf_probe, bf16=self.precision == "bf16")
+
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.to(self.device).float()
-        self.neighbours = NearestNeighbours(self.memory_bank)
+        self.neighbours = self._neighbours(self.memory_bank)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,6 +363,7 @@ class PatchCore:
             "config": dataclasses.asdict(self.config),
             "memory_bank": self.memory_bank.cpu(),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "resolved_precision": self.precision,
             "weights_digest": self.extractor.weights_digest,
             "backbone_state": self.extractor.weights_state,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -445,8 +407,9 @@ def read_checkpoint(path: str | Path) -> dict:
                         f"{CHECKPOINT_VERSION}: retrain with train.py")
     field_names = {f.name for f in dataclasses.fields(PatchCoreConfig)}
     bank, backbone_state = checkpoint.get("memory_bank"), checkpoint.get("backbone_state")
-    if (not isinstance(checkpoint.get("config"), dict) or set(checkpoint["config"]) != field_names
-            or not isinstance(bank, torch.Tensor) or bank.ndim != 2
+    config = checkpoint.get("config")
+    known_fields = isinstance(config, dict) and field_names - FIELDS_ADDED_IN_VERSION_2 <= set(config) <= field_names
+    if (not known_fields or not isinstance(bank, torch.Tensor) or bank.ndim != 2
             or bank.shape[1] != checkpoint["config"]["embedding_dim"] or "weights_digest" not in checkpoint
             or not isinstance(backbone_state, dict) or not isinstance(checkpoint.get("calibration", 0), dict | None)):
         raise UserError(f"checkpoint '{path}' is incomplete or from another version: retrain with train.py")

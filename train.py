@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from calibration import calibrate
-from config import PatchCoreConfig, RunConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
+from config import PatchCoreConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
 from download import ensure_dataset
 from patchcore import PatchCore, read_checkpoint
@@ -41,14 +41,14 @@ def held_out_indices(count: int, fraction: float, seed: int, category: str) -> l
     return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].tolist())
 
 
-def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: RunConfig, data_path: str, category: str) -> dict:
+def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig, data_path: str, category: str) -> dict:
     """Build the memory bank from every training image and set the thresholds from good images it has not seen:
     validation/good when the category has one, else a held-out part of train/good, scored against the coreset of
     the other training images (the bank a model trained without them would have)."""
     config, device = model.config, model.device
     validation = Path(data_path, category, "validation", GOOD).is_dir()
     held_out = [] if validation else held_out_indices(len(dataset), config.calibration_fraction, config.seed, category)
-    timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), held_out)
+    timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), held_out, run.feature_store)
     if validation:
         start = time.perf_counter()
         calibration_set = MVTecDataset(data_path, category, "validation", config.resize, config.image_size)
@@ -82,7 +82,8 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
     datasets = {c: MVTecDataset(data_path, c, "train", model_config.resize, model_config.image_size) for c in categories}
     model = PatchCore(model_config, device)
     digest = model.extractor.weights_digest
-    print(f"{model_config.backbone} ({model_config.weights}) on {device}; {len(categories)} categories in {data_path}")
+    print(f"{model_config.backbone} ({model_config.weights}) on {device} in {model.precision}; {len(categories)} "
+          f"categories in {data_path}")
     trained, skipped, start = [], [], time.perf_counter()
     for category, dataset in datasets.items():
         path = checkpoint_path(run.checkpoint_dir, category)

@@ -27,14 +27,14 @@ def reference_embedding(maps: list[torch.Tensor], patch_size: int, dim: int) -> 
 
 def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
                          num_starts: int = 10, max_picks: int | None = None) -> torch.Tensor:
-    """Greedy k-center on the same seeded projection and start points as patchcore.greedy_coreset, with each
+    """Greedy k-center on the same seeded projection and start points as coreset.greedy_coreset, with each
     pick's distances computed plainly as ((z - z[j]) ** 2).sum(1). ``max_picks`` stops early (for timing)."""
     num_points = len(features)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
         return torch.arange(num_points)
     generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(features.shape[1], projection_dim, generator=generator, dtype=features.dtype)
+    projection = torch.randn(features.shape[1], projection_dim, generator=generator).to(features.dtype)
     starts = torch.randint(num_points, (num_starts,), generator=generator)
     points = features @ projection
     nearest = torch.stack([((points - points[s]) ** 2).sum(1).sqrt() for s in starts], 1).mean(1) ** 2

@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 import baseline  # noqa: E402
 from atomic import atomic_write_text  # noqa: E402
 from backbone import FeatureExtractor  # noqa: E402
-from config import EvalConfig, PatchCoreConfig, PredictConfig, add_arguments, from_arguments  # noqa: E402
+from config import EvalConfig, PatchCoreConfig, PredictConfig, RunConfig, TrainConfig, add_arguments, from_arguments  # noqa: E402
 from dataset import MVTecDataset, expand_paths, make_loader  # noqa: E402
 from evaluate import Predictions, category_metrics, predict  # noqa: E402
 from patchcore import PatchCore, anomaly_maps  # noqa: E402
@@ -75,7 +75,9 @@ def fast_train(config: PatchCoreConfig, run: EvalConfig, category: str, checkpoi
     dataset = MVTecDataset(run.data_path, category, "train", config.resize, config.image_size)
     start = time.perf_counter()
     model = PatchCore(config, device)
-    timings = fit_and_calibrate(model, dataset, run, run.data_path, category)
+    train_run = TrainConfig(**{f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)},
+                            data_path=run.data_path)
+    timings = fit_and_calibrate(model, dataset, train_run, run.data_path, category)
     total = time.perf_counter() - start
     model.save(checkpoint, category=category, data_path=run.data_path)
     return {"total_s": total, "features_s": timings["features_s"], "coreset_s": timings["coreset_s"],
@@ -147,6 +149,12 @@ def plain_inference(run: EvalConfig, category: str, checkpoint: str) -> dict:
                               category)
     return {"total_s": total, "images_per_s": len(dataset) / total, "image_auroc": result["image_auroc"],
             "pixel_auroc": result["pixel_auroc"], "peak_rss_gb": peak_rss_gb()}
+
+
+def machine(device: torch.device) -> dict:
+    """What the figures were measured on."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": multiprocessing.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device), "torch": str(torch.__version__)}
 
 
 def _child(queue: multiprocessing.Queue, job: Callable, args: tuple) -> None:
@@ -253,9 +261,7 @@ def main() -> None:
     categories = [run.category] if run.category != "all" else sorted(
         p.name for p in Path(run.data_path).iterdir() if (p / "train" / "good").is_dir())
     device = run.resolved_device()
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpu_count": multiprocessing.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "device": str(device), "torch": str(torch.__version__)},
+    report = {"machine": machine(device),
               "config": dataclasses.asdict(base_config), "run": dataclasses.asdict(run), "repeats": args.repeats,
               "categories": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from baseline import plain_greedy_coreset, reference_embedding
+from baseline import reference_embedding
 from conftest import GRAY_COUNTS, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process, run_script
 from config import PatchCoreConfig
 from dataset import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, make_loader
-from patchcore import NearestNeighbours, PatchCore, PatchEmbedding, anomaly_maps, greedy_coreset, read_checkpoint
+from patchcore import PatchCore, PatchEmbedding, anomaly_maps, read_checkpoint
+from search import NearestNeighbours
 
 CPU = torch.device("cpu")
 NUM_TILES_TEST = TILES_COUNTS["good"] + TILES_COUNTS["blob"] + TILES_COUNTS["scratch"]
@@ -157,56 +158,6 @@ def test_patch_embedding_equals_reference(channels, sizes, patch_size, dim) -> N
     want = reference_embedding(maps, patch_size, dim)
     assert got.shape == (2, *sizes[0], dim) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Greedy coreset against brute-force greedy k-center
-
-
-def brute_force_coreset(features: torch.Tensor, ratio: float, projection_dim: int, seed: int) -> list[int]:
-    num_points, dim = features.shape
-    count = max(1, int(num_points * ratio))
-    generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(dim, projection_dim, generator=generator, dtype=features.dtype)
-    starts = torch.randint(num_points, (10,), generator=generator)
-    points = features @ projection
-    distances = torch.cdist(points, points)  # full N x N
-    nearest = distances[:, starts].mean(1)  # the reference's start: mean distance to the start points
-    picks = []
-    while len(picks) < count:
-        picks.append(int(nearest.argmax()))
-        nearest = torch.minimum(nearest, distances[:, picks[-1]])
-    return picks
-
-
-@pytest.mark.parametrize("seed", [0, 1, 7])
-@pytest.mark.parametrize("ratio", [0.02, 0.1, 0.3])
-def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float) -> None:
-    features = torch.randn(300, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + seed))
-    picks = greedy_coreset(features, ratio, projection_dim=16, seed=seed, progress=False)
-    assert picks.dtype == torch.long
-    assert picks.tolist() == brute_force_coreset(features, ratio, 16, seed)
-    assert plain_greedy_coreset(features, ratio, 16, seed).tolist() == picks.tolist()  # the benchmark's 'before'
-
-
-@pytest.mark.parametrize("ratio", [0.1, 1.0])
-def test_greedy_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float) -> None:
-    features = torch.randn(300, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    rows = torch.arange(300)[torch.arange(300) % 5 != 2]
-    picks = greedy_coreset(features, ratio, projection_dim=16, seed=3, progress=False, rows=rows)
-    assert picks.tolist() == rows[greedy_coreset(features[rows], ratio, projection_dim=16, seed=3,
-                                                 progress=False)].tolist()
-
-
-def test_greedy_coreset_keeps_everything_at_ratio_one() -> None:
-    features = torch.randn(50, 8, dtype=torch.float64)
-    assert torch.equal(greedy_coreset(features, 1.0, projection_dim=4, progress=False), torch.arange(50))
-
-
-def test_greedy_coreset_picks_distinct_points() -> None:
-    features = torch.randn(400, 32, generator=torch.Generator().manual_seed(3))
-    picks = greedy_coreset(features, 0.25, projection_dim=8, seed=5, progress=False).tolist()
-    assert len(picks) == 100 and len(set(picks)) == 100
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""The memory bank's choice: the reference's greedy k-center coreset on a random projection (exact, or on shards for
+big sets), and the store of full training features it chooses from (in memory, or on disk for low-memory training)."""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from config import UserError
+
+
+class Projection:
+    """The seeded Gaussian (dim, projection_dim) projection the coreset is chosen on, and the random draws after it
+    (start points, shard order) in the reference's order: the same seed gives the same picks."""
+
+    def __init__(self, dim: int, projection_dim: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.matrix = torch.randn(dim, projection_dim, generator=generator)
+        self._state_after = generator.get_state()
+
+    def generator(self) -> torch.Generator:
+        """A generator at the state right after the projection was drawn."""
+        generator = torch.Generator()
+        generator.set_state(self._state_after)
+        return generator
+
+
+def greedy_coreset(columns: torch.Tensor, ratio: float, generator: torch.Generator, num_starts: int = 10,
+                   progress: bool = True) -> torch.Tensor:
+    """Indices of the reference's approximate greedy k-center coreset of projected points ``columns`` (P, N).
+
+    As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
+    each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
+    and the distance to the pick. The distances are updated with one matrix-vector product per pick (no N x N
+    matrix), on the points' device; points are stored as columns so that each product streams memory in order.
+    The picks equal plain greedy k-center on the same projection and start.
+    """
+    num_points = columns.shape[1]
+    count = max(1, int(num_points * ratio))
+    if count >= num_points:
+        return torch.arange(num_points, device=columns.device)
+    starts = torch.randint(num_points, (num_starts,), generator=generator).to(columns.device)
+    start_points = columns[:, starts].T.contiguous()
+    nearest = torch.cat([torch.cdist(part.T.contiguous(), start_points).mean(1).square()
+                         for part in columns.split(1 << 16, dim=1)])
+    squared_norms = columns.square().sum(0)
+    picks = torch.empty(count, dtype=torch.long, device=columns.device)
+    distances = torch.empty_like(nearest)
+    for i in tqdm(range(count), desc="coreset", unit="pick", disable=not progress, mininterval=1.0):
+        pick = nearest.argmax()
+        picks[i] = pick
+        torch.addmv(squared_norms, columns.T, columns[:, pick], alpha=-2, out=distances)
+        distances += squared_norms[pick]
+        torch.minimum(nearest, distances, out=nearest)
+    return picks
+
+
+def sharded_coreset(columns: torch.Tensor, ratio: float, generator: torch.Generator, num_shards: int,
+                    progress: bool = True) -> torch.Tensor:
+    """The greedy coreset of each of ``num_shards`` seeded random, equal parts of the points, merged (sorted).
+
+    The time of greedy k-center grows as points x picks, so ``num_shards`` shards cost 1 / num_shards of the exact
+    greedy at the same ratio; every part covers the whole distribution, so the merged picks still cover it."""
+    order = torch.randperm(columns.shape[1], generator=generator).to(columns.device)
+    picks = []
+    for shard in tqdm(order.tensor_split(num_shards), desc="coreset shards", unit="shard", disable=not progress):
+        shard = shard.sort().values
+        picks.append(shard[greedy_coreset(columns[:, shard], ratio, generator, progress=False)])
+    return torch.cat(picks).sort().values
+
+
+def choose_coreset(columns: torch.Tensor, ratio: float, projection: Projection, mode: str, shard_size: int,
+                   rows: torch.Tensor | None = None, progress: bool = True) -> tuple[torch.Tensor, int]:
+    """Coreset indices of the points ``columns`` (P, N), or of its ``rows`` only (indices into all N), and the
+    number of shards used (1: exact greedy). mode 'auto' shards sets of more than ``shard_size`` points."""
+    if rows is not None:
+        columns = columns[:, rows]
+    num_points = columns.shape[1]
+    num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
+    generator = projection.generator()
+    picks = (greedy_coreset(columns, ratio, generator, progress=progress) if num_shards == 1
+             else sharded_coreset(columns, ratio, generator, num_shards, progress))
+    return (picks if rows is None else rows[picks]), num_shards
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new data on ``device``: free GPU memory, or the kernel's MemAvailable (0 when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+class FeatureStore:
+    """Every training patch's full feature vector, filled in order: a tensor on the model's device, or, for
+    low-memory training, a temporary file (deleted when closed) of which only the rows asked for are read back.
+
+    On disk the rows are float32 as computed, so the memory bank is the same either way."""
+
+    def __init__(self, num_rows: int, dim: int, device: torch.device, on_disk: bool, directory: str | None = None):
+        self.num_rows, self.dim, self.device, self.on_disk, self.filled = num_rows, dim, device, on_disk, 0
+        if not on_disk:
+            self.features = torch.empty(num_rows, dim, device=device)
+            return
+        directory = directory or tempfile.gettempdir()
+        needed, free = num_rows * dim * 4, shutil.disk_usage(directory).free
+        if needed > free:
+            raise UserError(f"low-memory training needs {needed / 2**30:.1f} GiB of temporary space in '{directory}', "
+                            f"which has {free / 2**30:.1f} GiB free: point TMPDIR at a bigger disk")
+        self.file = tempfile.TemporaryFile(dir=directory, prefix="patchcore-features-")
+
+    @staticmethod
+    def should_use_disk(num_rows: int, dim: int, device: torch.device, mode: str) -> bool:
+        """mode 'disk', 'memory', or 'auto': disk when the features would take over a quarter of the free memory."""
+        if mode != "auto":
+            return mode == "disk"
+        return num_rows * dim * 4 > available_memory(device) / 4
+
+    def append(self, rows: torch.Tensor) -> None:
+        if self.on_disk:
+            self.file.write(memoryview(rows.float().cpu().numpy()))
+        else:
+            self.features[self.filled:self.filled + len(rows)] = rows
+        self.filled += len(rows)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows (len(indices), dim) on the model's device; from disk, only those rows are read."""
+        if not self.on_disk:
+            return self.features[indices.to(self.device)]
+        self.file.flush()
+        mapped = np.memmap(self.file, dtype=np.float32, mode="r", shape=(self.filled, self.dim))
+        indices = indices.cpu().numpy()
+        order = np.argsort(indices, kind="stable")  # read in file order, return in the order asked for
+        rows = np.empty((len(indices), self.dim), np.float32)
+        rows[order] = mapped[indices[order]]
+        del mapped  # unmaps: the pages read do not stay in this process's memory
+        return torch.from_numpy(rows).to(self.device)
+
+    def close(self) -> None:
+        if self.on_disk:
+            self.file.close()
+        else:
+            del self.features

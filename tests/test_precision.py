@@ -1,0 +1,120 @@
+"""Reduced precision and approximate search: the bf16 paths against float32, the inverted-file index against exact
+search, and the --precision flag from the command line to the checkpoint and summary.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import config as config_module
+from conftest import SMALL, SMALL_CONFIG, run_in_process
+from config import PatchCoreConfig, UserError
+from dataset import MVTecDataset, make_loader
+from metrics import image_auroc
+from patchcore import PatchCore, read_checkpoint
+from search import NearestNeighbours, ivf_lists
+
+CPU = torch.device("cpu")
+
+
+def clustered(count: int, dim: int, seed: int) -> torch.Tensor:
+    """Points around 20 centres: neighbours at many distances, as patch features have them."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dim, generator=generator) * 3
+    return centres[torch.randint(20, (count,), generator=generator)] + torch.randn(count, dim, generator=generator)
+
+
+def exact_search(bank: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    best = torch.cdist(queries.double(), bank.double()).min(1)
+    return best.values, best.indices
+
+
+def test_bf16_search_returns_float32_exact_distances_of_the_nearest_entry() -> None:
+    bank, queries = clustered(3000, 64, 0), clustered(500, 64, 1)
+    want_distances, want_indices = exact_search(bank, queries)
+    distances, indices = NearestNeighbours(bank, bf16=True).search(queries, 1)
+    found = indices[:, 0]
+    # The distance reported is the exact one of the entry returned ...
+    torch.testing.assert_close(distances[:, 0].double(), (queries.double() - bank[found].double()).norm(dim=1),
+                               rtol=1e-5, atol=1e-5)
+    # ... and that entry is the exact nearest one for nearly every query (ties aside, at most 1% differ).
+    assert (found == want_indices).float().mean() >= 0.99
+    torch.testing.assert_close(distances[:, 0].double(), want_distances, rtol=1e-2, atol=1e-3)
+
+
+def test_bf16_search_with_every_entry_a_candidate_is_exact() -> None:
+    bank, queries = clustered(40, 16, 2), clustered(30, 16, 3)
+    distances, indices = NearestNeighbours(bank, bf16=True, candidates=40).search(queries, 3)
+    want = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False)
+    assert torch.equal(indices, want.indices)
+    torch.testing.assert_close(distances.double(), want.values, rtol=1e-5, atol=1e-5)
+
+
+def test_ivf_visiting_every_list_is_exact_and_few_lists_find_most_neighbours() -> None:
+    bank, queries = clustered(4000, 32, 4), clustered(400, 32, 5)
+    lists = ivf_lists(len(bank))
+    assert lists == 4000 // 39  # 4 sqrt(N) = 253 lists would hold too few points each to train
+    _, want = exact_search(bank, queries)
+    _, every = NearestNeighbours(bank, "ivf", probe=lists).search(queries, 1)
+    assert torch.equal(every[:, 0], want)
+    _, few = NearestNeighbours(bank, "ivf", probe=16).search(queries, 1)
+    assert 0.5 < (few[:, 0] == want).float().mean() < 1.0  # approximate: most, not all
+
+
+def test_ivf_lists_keep_enough_training_points() -> None:
+    assert ivf_lists(1) == 1 and ivf_lists(390) == 10 and ivf_lists(10**6) == 4000
+
+
+@pytest.mark.parametrize("device, native_bf16, precision, want", [
+    ("cpu", False, "auto", "fp32"), ("cpu", True, "auto", "bf16"), ("cuda", False, "auto", "fp16"),
+    ("cpu", False, "bf16", "bf16"), ("cpu", True, "fp32", "fp32"), ("cuda", True, "bf16", "bf16")])
+def test_precision_resolution(device: str, native_bf16: bool, precision: str, want: str, monkeypatch) -> None:
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert PatchCoreConfig(precision=precision).resolved_precision(torch.device(device)) == want
+
+
+def test_unknown_precision_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="--precision takes one of auto, fp32, bf16, fp16, got 'int8'"):
+        PatchCoreConfig(precision="int8").validate()
+
+
+def test_bf16_model_scores_like_the_float32_model(data_root: Path) -> None:
+    """bf16 rounds to 2^-8 relative (0.4%): the patch features and, on the same bank, the scores and maps move by
+    about that. Trained in bf16, the coreset's picks may differ (the greedy order amplifies tiny changes), but the
+    ranking of the synthetic test images does not."""
+    config = PatchCoreConfig(**SMALL_CONFIG)
+    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
+    test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
+    batch = next(iter(make_loader(test, len(test), 0, CPU)))
+    fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
+    bf16 = PatchCore(dataclasses.replace(config, precision="bf16"), CPU, extractor=fp32.extractor)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    features32, features16 = fp32.embed(batch["image"]), bf16.embed(batch["image"])
+    assert float(((features16 - features32).norm(dim=-1) / features32.norm(dim=-1)).max()) < 0.01
+    fp32.fit(make_loader(train, 8, 0, CPU))
+    bf16.set_memory_bank(fp32.memory_bank)
+    (scores32, maps32), (scores16, maps16) = fp32.predict(batch["image"]), bf16.predict(batch["image"])
+    torch.testing.assert_close(scores16, scores32, rtol=0.01, atol=0)
+    torch.testing.assert_close(maps16, maps32, rtol=0.01, atol=0)
+    bf16.fit(make_loader(train, 8, 0, CPU))
+    labels = batch["label"].numpy()
+    assert image_auroc(labels, bf16.predict(batch["image"])[0].numpy()) == image_auroc(labels, scores32.numpy()) == 1
+
+
+def test_precision_flag_is_stored_in_the_checkpoint_and_the_summary(data_root: Path, tmp_path: Path) -> None:
+    trained = run_in_process("train.py", "--data_path", data_root, "--category", "gray", *SMALL, "--precision",
+                             "bf16", "--checkpoint_dir", tmp_path / "checkpoints", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "on cpu in bf16" in trained.stdout
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "gray.pt")
+    assert checkpoint["resolved_precision"] == checkpoint["config"]["precision"] == "bf16"
+    evaluated = run_in_process("evaluate.py", "--checkpoint_dir", tmp_path / "checkpoints", "--results_dir",
+                               tmp_path / "results", "--no_plots", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())["categories"]["gray"]
+    assert summary["resolved_precision"] == summary["trained"]["resolved_precision"] == "bf16"
+    assert summary["config"]["precision"] == "bf16"
