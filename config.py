@@ -59,8 +59,8 @@ class PatchCoreConfig:
     coreset: str = _option("auto", "'exact' greedy coreset, 'sharded' (greedy on random shards of at most "
                                    "--coreset_shard_size patches, merged: far faster on big sets), or 'auto' "
                                    "(sharded above that size)", choices=CORESET_MODES)
-    coreset_shard_size: int = _option(250_000, "training patches above which 'auto' shards the coreset (about 320 "
-                                               "images at 224 px)")
+    coreset_shard_size: int = _option(4_000_000, "training patches above which 'auto' shards the coreset (about 5,100 "
+                                                 "images at 224 px)")
     search: str = _option("flat", "nearest-neighbour search: 'flat' (exact) or 'ivf' (faiss inverted file: "
                                   "approximate, for banks of 100k+ entries)", choices=SEARCHES)
     ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")

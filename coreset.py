@@ -29,61 +29,91 @@ class Projection:
         return generator
 
 
-def greedy_coreset(columns: torch.Tensor, ratio: float, generator: torch.Generator, num_starts: int = 10,
-                   progress: bool = True) -> torch.Tensor:
-    """Indices of the reference's approximate greedy k-center coreset of projected points ``columns`` (P, N).
+def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, num_starts: int = 10,
+                   candidates: int = 1024, progress: bool = True) -> torch.Tensor:
+    """Indices of the reference's approximate greedy k-center coreset of projected points (N, P).
 
     As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
     each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
-    and the distance to the pick. The distances are updated with one matrix-vector product per pick (no N x N
-    matrix), on the points' device; points are stored as columns so that each product streams memory in order.
-    The picks equal plain greedy k-center on the same projection and start.
+    and the distance to the pick. The picks are the same as that one-at-a-time greedy's (up to float rounding of
+    near-ties), made in passes: each pass takes the ``candidates`` points of largest distance and runs the greedy
+    on them alone for as long as its next pick's distance stays above every other point's (which can only
+    shrink), so that pick is the one the full greedy would make. Then one matrix product brings every point's
+    distance up to date with the pass's picks (often hundreds), instead of one memory-bound sweep per pick.
     """
-    num_points = columns.shape[1]
+    num_points = len(points)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
-        return torch.arange(num_points, device=columns.device)
-    starts = torch.randint(num_points, (num_starts,), generator=generator).to(columns.device)
-    start_points = columns[:, starts].T.contiguous()
-    nearest = torch.cat([torch.cdist(part.T.contiguous(), start_points).mean(1).square()
-                         for part in columns.split(1 << 16, dim=1)])
-    squared_norms = columns.square().sum(0)
-    picks = torch.empty(count, dtype=torch.long, device=columns.device)
-    distances = torch.empty_like(nearest)
-    for i in tqdm(range(count), desc="coreset", unit="pick", disable=not progress, mininterval=1.0):
-        pick = nearest.argmax()
-        picks[i] = pick
-        torch.addmv(squared_norms, columns.T, columns[:, pick], alpha=-2, out=distances)
-        distances += squared_norms[pick]
-        torch.minimum(nearest, distances, out=nearest)
-    return picks
+        return torch.arange(num_points, device=points.device)
+    starts = torch.randint(num_points, (num_starts,), generator=generator).to(points.device)
+    squared_norms = points.square().sum(1)
+    nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in points.split(1 << 16)])
+    picks: list[int] = []
+    with tqdm(total=count, desc="coreset", unit="pick", disable=not progress, mininterval=1.0) as bar:
+        while len(picks) < count:
+            new = _greedy_on_candidates(points, squared_norms, nearest, min(candidates, num_points - 1),
+                                        count - len(picks))
+            _update_nearest(points, squared_norms, nearest, new)
+            picks += new
+            bar.update(len(new))
+    return torch.tensor(picks, device=points.device)
 
 
-def sharded_coreset(columns: torch.Tensor, ratio: float, generator: torch.Generator, num_shards: int,
+def _greedy_on_candidates(points: torch.Tensor, squared_norms: torch.Tensor, nearest: torch.Tensor, size: int,
+                          limit: int) -> list[int]:
+    """The next picks of the full greedy (at most ``limit``), found among the ``size`` farthest points alone."""
+    values, indices = nearest.topk(size + 1)
+    bound = values[size]  # no other point is farther, now or after more picks
+    order = indices[:size].argsort()  # index order: ties go to the lowest index, as the full argmax does
+    indices, distances = indices[:size][order], values[:size][order].clone()
+    rows, norms = points[indices], squared_norms[indices]
+    picks: list[int] = []
+    while len(picks) < limit:
+        best = int(distances.argmax())
+        if not distances[best] > bound:
+            break
+        picks.append(int(indices[best]))
+        torch.minimum(distances, torch.addmv(norms, rows, rows[best], alpha=-2).add_(norms[best]), out=distances)
+    return picks or [int(nearest.argmax())]
+
+
+def _update_nearest(points: torch.Tensor, squared_norms: torch.Tensor, nearest: torch.Tensor, picks: list[int],
+                    block_elements: int = 1 << 24) -> None:
+    """nearest = min(nearest, squared distance to the nearest of ``picks``), a block of points at a time."""
+    chosen, chosen_norms = points[picks], squared_norms[picks]
+    block = max(1024, block_elements // len(picks))
+    for start in range(0, len(points), block):
+        end = start + block
+        distances = torch.addmm(chosen_norms, points[start:end], chosen.T, alpha=-2)
+        distances.add_(squared_norms[start:end, None])
+        torch.minimum(nearest[start:end], distances.amin(1), out=nearest[start:end])
+
+
+def sharded_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, num_shards: int,
                     progress: bool = True) -> torch.Tensor:
     """The greedy coreset of each of ``num_shards`` seeded random, equal parts of the points, merged (sorted).
 
     The time of greedy k-center grows as points x picks, so ``num_shards`` shards cost 1 / num_shards of the exact
     greedy at the same ratio; every part covers the whole distribution, so the merged picks still cover it."""
-    order = torch.randperm(columns.shape[1], generator=generator).to(columns.device)
+    order = torch.randperm(len(points), generator=generator).to(points.device)
     picks = []
     for shard in tqdm(order.tensor_split(num_shards), desc="coreset shards", unit="shard", disable=not progress):
         shard = shard.sort().values
-        picks.append(shard[greedy_coreset(columns[:, shard], ratio, generator, progress=False)])
+        picks.append(shard[greedy_coreset(points[shard], ratio, generator, progress=False)])
     return torch.cat(picks).sort().values
 
 
-def choose_coreset(columns: torch.Tensor, ratio: float, projection: Projection, mode: str, shard_size: int,
+def choose_coreset(points: torch.Tensor, ratio: float, projection: Projection, mode: str, shard_size: int,
                    rows: torch.Tensor | None = None, progress: bool = True) -> tuple[torch.Tensor, int]:
-    """Coreset indices of the points ``columns`` (P, N), or of its ``rows`` only (indices into all N), and the
+    """Coreset indices of the projected points (N, P), or of its ``rows`` only (indices into all N), and the
     number of shards used (1: exact greedy). mode 'auto' shards sets of more than ``shard_size`` points."""
     if rows is not None:
-        columns = columns[:, rows]
-    num_points = columns.shape[1]
+        points = points[rows]
+    num_points = len(points)
     num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
     generator = projection.generator()
-    picks = (greedy_coreset(columns, ratio, generator, progress=progress) if num_shards == 1
-             else sharded_coreset(columns, ratio, generator, num_shards, progress))
+    picks = (greedy_coreset(points, ratio, generator, progress=progress) if num_shards == 1
+             else sharded_coreset(points, ratio, generator, num_shards, progress))
     return (picks if rows is None else rows[picks]), num_shards
 
 

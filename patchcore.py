@@ -225,13 +225,13 @@ class PatchCore:
                 if store is None:  # sized once from the first batch: no concatenation copies
                     grid = list(embedded.shape[1:3])
                     store = self._feature_store(len(loader.dataset) * grid[0] * grid[1], feature_store)
-                    columns = torch.empty(config.projection_dim, store.num_rows, device=self.device)
-                columns[:, store.filled:store.filled + len(patches)] = (patches @ matrix).T
+                    points = torch.empty(store.num_rows, config.projection_dim, device=self.device)
+                points[store.filled:store.filled + len(patches)] = patches @ matrix
                 store.append(patches)
             _sync(self.device)
             features_s = time.perf_counter() - start
             start = time.perf_counter()
-            picks, shards = choose_coreset(columns, config.coreset_ratio, projection, config.coreset,
+            picks, shards = choose_coreset(points, config.coreset_ratio, projection, config.coreset,
                                            config.coreset_shard_size)
             if shards > 1:
                 print(f"coreset: greedy on {shards} shards of ~{store.num_rows // shards:,} patches, merged "
@@ -243,7 +243,7 @@ class PatchCore:
                       "coreset_shards": shards, "feature_store": "disk" if store.on_disk else "memory"}
             if held_out:
                 start = time.perf_counter()
-                report["held_out"] = self._score_held_out(store, columns, projection, grid, held_out)
+                report["held_out"] = self._score_held_out(store, points, projection, grid, held_out)
                 report["calibration_s"] = time.perf_counter() - start
             return report
         finally:
@@ -260,15 +260,15 @@ class PatchCore:
                   f"forces memory)")
         return FeatureStore(num_rows, dim, self.device, on_disk)
 
-    def _score_held_out(self, store: FeatureStore, columns: torch.Tensor, projection: Projection, grid: list[int],
+    def _score_held_out(self, store: FeatureStore, points: torch.Tensor, projection: Projection, grid: list[int],
                         held_out: Sequence[int], batch_size: int = 32) -> dict[str, list[float]]:
         """Scores and map maxima of the ``held_out`` images (rows of ``store``, grid[0] * grid[1] per image)
         against the coreset of the other images' patches."""
         patches_per_image = grid[0] * grid[1]
         held_out = torch.as_tensor(list(held_out))
         every = torch.arange(store.filled)
-        others = every[~torch.isin(every // patches_per_image, held_out)].to(columns.device)
-        picks, _ = choose_coreset(columns, self.config.coreset_ratio, projection, self.config.coreset,
+        others = every[~torch.isin(every // patches_per_image, held_out)].to(points.device)
+        picks, _ = choose_coreset(points, self.config.coreset_ratio, projection, self.config.coreset,
                                   self.config.coreset_shard_size, rows=others)
         bank = store.rows(picks)
         neighbours = self._neighbours(bank)

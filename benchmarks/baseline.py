@@ -1,8 +1,6 @@
-"""Plain, literal versions of the fast paths: the 'before' of the benchmark and the references of the tests."""
+"""Plain, literal versions of the fast paths: the references the tests hold them to."""
 from __future__ import annotations
 
-import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -26,9 +24,9 @@ def reference_embedding(maps: list[torch.Tensor], patch_size: int, dim: int) -> 
 
 
 def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
-                         num_starts: int = 10, max_picks: int | None = None) -> torch.Tensor:
+                         num_starts: int = 10) -> torch.Tensor:
     """Greedy k-center on the same seeded projection and start points as coreset.greedy_coreset, with each
-    pick's distances computed plainly as ((z - z[j]) ** 2).sum(1). ``max_picks`` stops early (for timing)."""
+    pick's distances computed plainly as ((z - z[j]) ** 2).sum(1)."""
     num_points = len(features)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
@@ -39,13 +37,8 @@ def plain_greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: i
     points = features @ projection
     nearest = torch.stack([((points - points[s]) ** 2).sum(1).sqrt() for s in starts], 1).mean(1) ** 2
     picks = []
-    for _ in range(min(count, max_picks or count)):
+    for _ in range(count):
         pick = int(nearest.argmax())
         picks.append(pick)
         nearest = torch.minimum(nearest, ((points - points[pick]) ** 2).sum(1))
     return torch.tensor(picks)
-
-
-def scipy_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Per-map Gaussian smoothing on the CPU, as the reference does it."""
-    return np.stack([scipy.ndimage.gaussian_filter(m, sigma=sigma) for m in maps])

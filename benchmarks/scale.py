@@ -1,22 +1,25 @@
-"""Large-data benchmark: training memory and coreset time against the number of training images, before (exact
-coreset, features in memory) and with the defaults (sharded coreset and features on disk where they apply), and
-the inverted-file search against exact search on a bank of 100k+ entries.
+"""Large-data benchmark: training time and memory against the number of training images, for this version and an
+earlier one side by side, and the inverted-file search against exact search on a bank of 100k+ entries.
 
+    git worktree add /tmp/before 801ccc3   # the version to compare with (one-pick-at-a-time coreset, all in memory)
     python benchmarks/scale.py --data_path ../shared/data --category magnetic_tile --backbone resnet50 \
-        --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth --coreset_ratio 0.01 --sizes 200 800 3000
+        --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth --coreset_ratio 0.01 --sizes 200 800 3000 \
+        --before /tmp/before
 
 The big set is the category's train/good with a horizontal flip, a vertical flip and a 90-degree rotation of
-every image (4x as many distinct images), written to a temporary folder; a size is a seeded sample of it. Every
-training runs in a fresh process, whose own peak RSS is reported. The exact coreset of sets above --exact_limit
-patches is timed at --exact_ratio and scaled to the full pick count (its time per pick is constant); such figures
-are marked '~'. Results go to results/scale.json and results/scale.md.
+every image (4x as many distinct images), written to a temporary folder; a size is a seeded sample of it, linked
+into a folder of its own. Each training is a whole `train.py` process (features, coreset, thresholds) with default
+flags but the ones above; its peak RSS is its own. The earlier version's coreset on sets above --exact_limit
+patches is run at --exact_ratio and its coreset and calibration seconds scaled to the full ratio (one pick costs
+the same all along there); such figures are marked '~'. Results go to results/scale.json and results/scale.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import resource
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from atomic import atomic_write_text  # noqa: E402
 from bench import in_fresh_process, machine  # noqa: E402
-from config import EvalConfig, PatchCoreConfig, add_arguments, from_arguments  # noqa: E402
+from config import EvalConfig, PatchCoreConfig, RunConfig, TrainConfig, add_arguments, from_arguments  # noqa: E402
 from dataset import GOOD, MVTecDataset, images_in, make_loader  # noqa: E402
 from metrics import image_auroc, pixel_auroc  # noqa: E402
 from patchcore import PatchCore, anomaly_maps  # noqa: E402
@@ -42,7 +45,7 @@ VARIANTS = {"": None, "_hflip": Image.Transpose.FLIP_LEFT_RIGHT, "_vflip": Image
             "_rot90": Image.Transpose.ROTATE_90}
 
 
-def build_big_set(data_path: str, category: str, root: Path) -> Path:
+def build_big_set(data_path: str, category: str, root: Path) -> None:
     """root/<category>/train/good with every training image in 4 variants; the test split linked as it is."""
     source = Path(data_path, category)
     target = root / category / "train" / GOOD
@@ -54,12 +57,6 @@ def build_big_set(data_path: str, category: str, root: Path) -> Path:
     for folder in ("test", "ground_truth"):
         if (source / folder).is_dir():
             (root / category / folder).symlink_to((source / folder).resolve())
-    return root
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def sample(dataset: MVTecDataset, count: int, seed: int, by_label: bool = False) -> MVTecDataset:
@@ -73,23 +70,46 @@ def sample(dataset: MVTecDataset, count: int, seed: int, by_label: bool = False)
     return dataset
 
 
-def train_job(config: PatchCoreConfig, run: EvalConfig, category: str, size: int, feature_store: str,
-              timed_ratio: float) -> dict:
-    """Fit on a seeded sample of ``size`` images at ``timed_ratio`` (the coreset time is scaled to the config's
-    ratio when they differ); sizes, seconds and peak memory."""
-    device = run.resolved_device()
-    dataset = sample(MVTecDataset(run.data_path, category, "train", config.resize, config.image_size), size, 0)
-    model = PatchCore(dataclasses.replace(config, coreset_ratio=timed_ratio), device)
-    before = current_rss()
-    report = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), feature_store=feature_store)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    full_picks = max(1, int(report["num_patches"] * config.coreset_ratio))
-    return {"images": len(dataset), "patches": report["num_patches"], "feature_store": report["feature_store"],
-            "coreset_shards": report["coreset_shards"], "features_s": report["features_s"],
-            "coreset_s": report["coreset_s"] * full_picks / report["memory_bank_size"],
-            "coreset_scaled_from_picks": report["memory_bank_size"] if timed_ratio != config.coreset_ratio else None,
-            "memory_bank_size": full_picks, "peak_rss_gb": peak / 2**30,
-            "bytes_per_patch": (peak - before) / report["num_patches"]}
+def sample_folder(root: Path, category: str, size: int) -> Path:
+    """A data root whose train/good holds a seeded sample of ``size`` big-set images (symbolic links)."""
+    images = images_in(root / "big" / category / "train" / GOOD)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    target = root / f"sample_{size}" / category / "train" / GOOD
+    target.mkdir(parents=True)
+    for i in sorted(order[:size].tolist()):
+        (target / images[i].name).symlink_to(images[i])
+    return target.parents[2]
+
+
+TRAINED = re.compile(r"memory bank ([\d,]+) of ([\d,]+) patches; features ([\d.]+) s, coreset ([\d.]+) s, "
+                     r"calibration ([\d.]+) s")
+MEASURE = """import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def train_process(code: Path, data_path: Path, category: str, flags: list[str], ratio: float,
+                  full_ratio: float) -> dict:
+    """One train.py run of the project at ``code``: its stage seconds (coreset and calibration scaled from
+    ``ratio`` to ``full_ratio``) and peak RSS."""
+    with tempfile.TemporaryDirectory() as checkpoints:
+        command = [sys.executable, "-c", MEASURE, str(code / "train.py"), "--data_path", str(data_path),
+                   "--category", category, "--checkpoint_dir", checkpoints, *flags, "--coreset_ratio", str(ratio)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=code)
+    if result.returncode != 0:
+        sys.exit(f"train.py of {code} failed:\n{result.stderr[-3000:]}")
+    bank, patches, features_s, coreset_s, calibration_s = TRAINED.search(result.stdout).groups()
+    patches = int(patches.replace(",", ""))
+    scale = max(1, int(patches * full_ratio)) / int(bank.replace(",", ""))
+    return {"patches": patches, "features_s": float(features_s), "coreset_s": float(coreset_s) * scale,
+            "calibration_s": float(calibration_s) * scale, "scaled_from_ratio": ratio if ratio != full_ratio else None,
+            "memory_bank_size": max(1, int(patches * full_ratio)),
+            "peak_rss_gb": int(result.stdout.split("peak_rss")[-1]) / 2**20,
+            "notes": [line for line in result.stdout.splitlines() if line.startswith(("coreset:", "features of"))]}
 
 
 def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_images: int, test_images: int,
@@ -128,15 +148,31 @@ def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_ima
     return {"bank_size": len(bank), "queries": len(queries), "test_images": len(test), "searches": rows}
 
 
+def changed_flags(*configs: object) -> list[str]:
+    """The command-line flags of the settings that differ from their defaults."""
+    flags = []
+    for config in configs:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if value != f.default and value is not None:
+                flags += [f"--{f.name}", *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    return flags
+
+
 def markdown(report: dict) -> str:
-    lines = ["| images | patches | path | feature store | coreset shards | peak RSS | bytes per patch | features | "
-             "coreset | bank |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for size, paths in report["curve"].items():
-        for path, r in paths.items():
-            approx = "~" if r["coreset_scaled_from_picks"] else ""
-            lines.append(f"| {size} | {r['patches']:,} | {path} | {r['feature_store']} | {r['coreset_shards']} | "
-                         f"{r['peak_rss_gb']:.2f} GB | {r['bytes_per_patch']:,.0f} | {r['features_s']:.0f} s | "
-                         f"{approx}{r['coreset_s']:.0f} s | {r['memory_bank_size']:,} |")
+    lines = ["| images | patches | version | peak RSS | + RSS per added patch | features | coreset | thresholds "
+             "(calibration) | bank |", "|---|---|---|---|---|---|---|---|---|"]
+    previous: dict[str, dict] = {}
+    for size, versions in report["curve"].items():
+        for version, r in versions.items():
+            approx = "~" if r["scaled_from_ratio"] else ""
+            last = previous.get(version)
+            per_patch = (f"{(r['peak_rss_gb'] - last['peak_rss_gb']) * 2**30 / (r['patches'] - last['patches']):,.0f} B"
+                         if last else "")
+            lines.append(f"| {size} | {r['patches']:,} | {version} | {r['peak_rss_gb']:.2f} GB | {per_patch} | "
+                         f"{r['features_s']:.0f} s | {approx}{r['coreset_s']:.0f} s | {approx}{r['calibration_s']:.0f} s | "
+                         f"{r['memory_bank_size']:,} |")
+            previous[version] = r
     if "search" in report:
         s = report["search"]
         lines += ["", f"Bank of {s['bank_size']:,} entries, {s['queries']:,} query patches ({s['test_images']} test "
@@ -151,40 +187,48 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, EvalConfig)
+    add_arguments(parser, TrainConfig)
     add_arguments(parser, PatchCoreConfig)
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3000])
-    parser.add_argument("--exact_limit", type=int, default=1_000_000, help="patches above which the exact coreset "
-                                                                           "is timed at --exact_ratio and scaled")
+    parser.add_argument("--before", type=Path, default=None, help="a checkout of an earlier version to compare with")
+    parser.add_argument("--exact_limit", type=int, default=1_000_000, help="patches above which the earlier "
+                                                                           "version runs at --exact_ratio")
     parser.add_argument("--exact_ratio", type=float, default=0.001)
     parser.add_argument("--bank_images", type=int, default=128, help="training images whose patches form the "
                                                                      "search bank (0: no search benchmark)")
     parser.add_argument("--test_images", type=int, default=60)
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 32])
     args = parser.parse_args()
-    run, config = from_arguments(EvalConfig, args), from_arguments(PatchCoreConfig, args)
+    run, config = from_arguments(TrainConfig, args), from_arguments(PatchCoreConfig, args)
+    category = run.category
     report = {"machine": machine(run.resolved_device()), "config": dataclasses.asdict(config),
               "run": dataclasses.asdict(run), "curve": {}}
+    flags = changed_flags(dataclasses.replace(config, coreset_ratio=PatchCoreConfig.coreset_ratio),
+                          dataclasses.replace(run, data_path=None, category=TrainConfig.category))
+    patches_per_image = (config.image_size // 8) ** 2
     with tempfile.TemporaryDirectory() as tmp:
-        run = dataclasses.replace(run, data_path=str(build_big_set(run.data_path, run.category, Path(tmp))))
-        patches_per_image = (config.image_size // 8) ** 2
+        root = Path(tmp)
+        build_big_set(run.resolved_data_path(), category, root / "big")
         for size in args.sizes:
-            slow = size * patches_per_image > args.exact_limit
-            before = dataclasses.replace(config, coreset="exact")
-            report["curve"][size] = {
-                "before: exact coreset, features in memory": in_fresh_process(
-                    train_job, before, run, run.category, size, "memory",
-                    args.exact_ratio if slow else config.coreset_ratio),
-                "defaults (coreset auto, feature store auto)": in_fresh_process(
-                    train_job, config, run, run.category, size, "auto", config.coreset_ratio)}
-            print(markdown(report))
+            data, versions = sample_folder(root, category, size), {}
+            if args.before:
+                slow = size * patches_per_image > args.exact_limit
+                versions["before"] = train_process(args.before, data, category, flags,
+                                                   args.exact_ratio if slow else config.coreset_ratio,
+                                                   config.coreset_ratio)
+            versions["this version"] = train_process(ROOT, data, category, flags, config.coreset_ratio,
+                                                     config.coreset_ratio)
+            report["curve"][size] = versions
+            print(markdown(report), flush=True)
         if args.bank_images:
-            report["search"] = in_fresh_process(search_job, config, run, run.category, args.bank_images,
+            search_run = EvalConfig(**{f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)},
+                                    data_path=str(root / "big"))
+            report["search"] = in_fresh_process(search_job, config, search_run, category, args.bank_images,
                                                 args.test_images, args.probes)
     table = markdown(report)
     print(table)
-    atomic_write_text(Path(run.results_dir) / "scale.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(Path(run.results_dir) / "scale.md", table + "\n")
+    atomic_write_text(Path("results") / "scale.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path("results") / "scale.md", table + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ CPU = torch.device("cpu")
 
 def project(features: torch.Tensor, projection_dim: int, seed: int) -> tuple[torch.Tensor, Projection]:
     projection = Projection(features.shape[1], projection_dim, seed)
-    return (features @ projection.matrix.to(features.dtype)).T.contiguous(), projection
+    return features @ projection.matrix.to(features.dtype), projection
 
 
 def brute_force_k_center(points: torch.Tensor, count: int, starts: torch.Tensor) -> list[int]:
@@ -40,7 +39,7 @@ def brute_force_k_center(points: torch.Tensor, count: int, starts: torch.Tensor)
 def brute_force_coreset(features: torch.Tensor, ratio: float, projection_dim: int, seed: int) -> list[int]:
     points, projection = project(features, projection_dim, seed)
     starts = torch.randint(len(features), (10,), generator=projection.generator())
-    return brute_force_k_center(points.T, max(1, int(len(features) * ratio)), starts)
+    return brute_force_k_center(points, max(1, int(len(features) * ratio)), starts)
 
 
 def random_features(count: int, dim: int, seed: int) -> torch.Tensor:
@@ -49,13 +48,16 @@ def random_features(count: int, dim: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
 @pytest.mark.parametrize("ratio", [0.02, 0.1, 0.3])
-def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float) -> None:
+@pytest.mark.parametrize("candidates", [1, 8, 64, 1024])
+def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float, candidates: int) -> None:
+    """Whatever the number of candidates per pass (1024 > N: every point), the picks are those of the one-at-a-time
+    greedy."""
     features = random_features(300, 40, 100 + seed)
     points, projection = project(features, 16, seed)
-    picks = greedy_coreset(points, ratio, projection.generator(), progress=False)
+    picks = greedy_coreset(points, ratio, projection.generator(), candidates=candidates, progress=False)
     assert picks.dtype == torch.long
     assert picks.tolist() == brute_force_coreset(features, ratio, 16, seed)
-    assert plain_greedy_coreset(features, ratio, 16, seed).tolist() == picks.tolist()  # the benchmark's 'before'
+    assert plain_greedy_coreset(features, ratio, 16, seed).tolist() == picks.tolist()  # the plain reference
 
 
 @pytest.mark.parametrize("ratio", [0.1, 1.0])
@@ -64,8 +66,16 @@ def test_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float) -> 
     rows = torch.arange(300)[torch.arange(300) % 5 != 2]
     points, projection = project(features, 16, 3)
     picks, _ = choose_coreset(points, ratio, projection, "exact", 1000, rows=rows, progress=False)
-    alone, _ = choose_coreset(points[:, rows], ratio, projection, "exact", 1000, progress=False)
+    alone, _ = choose_coreset(points[rows], ratio, projection, "exact", 1000, progress=False)
     assert picks.tolist() == rows[alone].tolist()
+
+
+def test_greedy_coreset_with_tied_distances_picks_like_the_full_argmax() -> None:
+    """Duplicated points tie exactly: the lowest index goes first, as torch's argmax over all points does."""
+    features = random_features(40, 6, 5).repeat(5, 1)
+    points, projection = project(features, 6, 1)
+    want = brute_force_coreset(features, 0.1, 6, 1)
+    assert greedy_coreset(points, 0.1, projection.generator(), candidates=7, progress=False).tolist() == want
 
 
 def test_greedy_coreset_keeps_everything_at_ratio_one_and_picks_distinct_points() -> None:
@@ -91,7 +101,7 @@ def test_sharded_coreset_is_brute_force_greedy_on_each_random_shard(num_points: 
         shard = shard.sort().values
         count = max(1, int(len(shard) * ratio))
         starts = torch.randint(len(shard), (10,), generator=generator)
-        want += shard[brute_force_k_center(points.T[shard], count, starts)].tolist()
+        want += shard[brute_force_k_center(points[shard], count, starts)].tolist()
     assert picks.tolist() == sorted(want)
     assert len(set(picks.tolist())) == len(picks) == sum(max(1, int(len(s) * ratio)) for s in order.tensor_split(shards))
 

@@ -138,7 +138,7 @@ def test_defect_type_without_masks_warns_and_reports_null_pixel_metrics(trained_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# PatchEmbedding against the literal reference computation (benchmarks/baseline.py, the benchmark's 'before')
+# PatchEmbedding against the literal reference computation (benchmarks/baseline.py)
 
 
 @pytest.mark.parametrize("channels, sizes, patch_size, dim", [
