@@ -21,7 +21,8 @@ class NearestNeighbours:
     and visits the ``probe`` lists nearest to each query: approximate, much faster on big banks. ``bf16`` (flat
     only) ranks the bank with bfloat16 products, for CPUs and GPUs with native bf16, then re-ranks the
     ``candidates`` best exactly in float32: the distances returned are those of float32 search for the entry
-    found, which is the exact nearest unless a true neighbour fell outside the candidates.
+    found, which is the exact nearest unless a true neighbour fell outside the candidates. On a GPU with
+    faiss-gpu, a bank too big for one GPU is split across all of them (faiss sharding).
     """
 
     def __init__(self, bank: torch.Tensor, search: str = "flat", probe: int = 8, bf16: bool = False,
@@ -39,11 +40,20 @@ class NearestNeighbours:
             self.index.nprobe = probe
         else:
             self.index = faiss.IndexFlatL2(dim)
-        if on_gpu and hasattr(faiss, "StandardGpuResources"):
+        self.on_index_device = on_gpu and hasattr(faiss, "StandardGpuResources")
+        if self.on_index_device and self._needs_sharding():
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True  # each GPU holds a part of the bank; queries go to all of them
+            self.index, self.on_index_device = faiss.index_cpu_to_all_gpus(self.index, co=options), False
+        elif self.on_index_device:
             self.resources = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self.resources, self.bank.device.index or 0, self.index)
-        self.on_index_device = on_gpu and hasattr(faiss, "StandardGpuResources")
         self.index.add(self.bank if self.on_index_device else self.bank.cpu())
+
+    def _needs_sharding(self) -> bool:
+        """Whether the bank would take over half of its GPU's free memory and there are more GPUs to share it."""
+        free = torch.cuda.mem_get_info(self.bank.device)[0]
+        return faiss.get_num_gpus() > 1 and self.bank.numel() * 4 > free / 2
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (M, k) and bank indices (M, k) of each query's k nearest bank entries, on the queries'
