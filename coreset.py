@@ -3,6 +3,7 @@ big sets), and the store of full training features it chooses from (in memory, o
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 
@@ -29,9 +30,10 @@ class Projection:
         return generator
 
 
-def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, num_starts: int = 10,
-                   candidates: int = 1024, progress: bool = True) -> torch.Tensor:
-    """Indices of the reference's approximate greedy k-center coreset of projected points (N, P).
+def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, rows: torch.Tensor | None = None,
+                   num_starts: int = 10, candidates: int = 1024, progress: bool = True) -> torch.Tensor:
+    """Indices of the reference's approximate greedy k-center coreset of projected points (N, P), or of its
+    ``rows`` (sorted indices) alone, with no copy of them: the other points are never picked and cover nothing.
 
     As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
     each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
@@ -41,17 +43,23 @@ def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generato
     shrink), so that pick is the one the full greedy would make. Then one matrix product brings every point's
     distance up to date with the pass's picks (often hundreds), instead of one memory-bound sweep per pick.
     """
-    num_points = len(points)
+    num_points = len(points) if rows is None else len(rows)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
-        return torch.arange(num_points, device=points.device)
+        return torch.arange(num_points, device=points.device) if rows is None else rows
     starts = torch.randint(num_points, (num_starts,), generator=generator).to(points.device)
-    squared_norms = points.square().sum(1)
-    nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in points.split(1 << 16)])
+    starts = starts if rows is None else rows[starts]
+    parts = points.split(1 << 16)  # no temporary as big as the points
+    squared_norms = torch.cat([part.square().sum(1) for part in parts])
+    nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in parts])
+    if rows is not None:
+        outside = torch.ones_like(nearest, dtype=torch.bool)
+        outside[rows] = False
+        nearest[outside] = -math.inf
     picks: list[int] = []
     with tqdm(total=count, desc="coreset", unit="pick", disable=not progress, mininterval=1.0) as bar:
         while len(picks) < count:
-            new = _greedy_on_candidates(points, squared_norms, nearest, min(candidates, num_points - 1),
+            new = _greedy_on_candidates(points, squared_norms, nearest, min(candidates, len(points) - 1),
                                         count - len(picks))
             _update_nearest(points, squared_norms, nearest, new)
             picks += new
@@ -78,7 +86,7 @@ def _greedy_on_candidates(points: torch.Tensor, squared_norms: torch.Tensor, nea
 
 
 def _update_nearest(points: torch.Tensor, squared_norms: torch.Tensor, nearest: torch.Tensor, picks: list[int],
-                    block_elements: int = 1 << 24) -> None:
+                    block_elements: int = 1 << 22) -> None:
     """nearest = min(nearest, squared distance to the nearest of ``picks``), a block of points at a time."""
     chosen, chosen_norms = points[picks], squared_norms[picks]
     block = max(1024, block_elements // len(picks))
@@ -90,12 +98,15 @@ def _update_nearest(points: torch.Tensor, squared_norms: torch.Tensor, nearest: 
 
 
 def sharded_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, num_shards: int,
-                    progress: bool = True) -> torch.Tensor:
-    """The greedy coreset of each of ``num_shards`` seeded random, equal parts of the points, merged (sorted).
+                    rows: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+    """The greedy coreset of each of ``num_shards`` seeded random, equal parts of the points (or of their ``rows``),
+    merged (sorted).
 
     The time of greedy k-center grows as points x picks, so ``num_shards`` shards cost 1 / num_shards of the exact
-    greedy at the same ratio; every part covers the whole distribution, so the merged picks still cover it."""
-    order = torch.randperm(len(points), generator=generator).to(points.device)
+    greedy at the same ratio. Each shard gets 1 / num_shards of the picks, so the merged picks cover the points
+    less tightly than the exact greedy's: see the README for what that costs in AUROC."""
+    eligible = torch.arange(len(points), device=points.device) if rows is None else rows
+    order = eligible[torch.randperm(len(eligible), generator=generator).to(points.device)]
     picks = []
     for shard in tqdm(order.tensor_split(num_shards), desc="coreset shards", unit="shard", disable=not progress):
         shard = shard.sort().values
@@ -105,16 +116,14 @@ def sharded_coreset(points: torch.Tensor, ratio: float, generator: torch.Generat
 
 def choose_coreset(points: torch.Tensor, ratio: float, projection: Projection, mode: str, shard_size: int,
                    rows: torch.Tensor | None = None, progress: bool = True) -> tuple[torch.Tensor, int]:
-    """Coreset indices of the projected points (N, P), or of its ``rows`` only (indices into all N), and the
-    number of shards used (1: exact greedy). mode 'auto' shards sets of more than ``shard_size`` points."""
-    if rows is not None:
-        points = points[rows]
-    num_points = len(points)
+    """Coreset indices of the projected points (N, P), or of its ``rows`` only (sorted indices into all N), and
+    the number of shards used (1: exact greedy). mode 'auto' shards sets of more than ``shard_size`` points."""
+    num_points = len(points) if rows is None else len(rows)
     num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
     generator = projection.generator()
-    picks = (greedy_coreset(points, ratio, generator, progress=progress) if num_shards == 1
-             else sharded_coreset(points, ratio, generator, num_shards, progress))
-    return (picks if rows is None else rows[picks]), num_shards
+    if num_shards == 1:
+        return greedy_coreset(points, ratio, generator, rows, progress=progress), 1
+    return sharded_coreset(points, ratio, generator, num_shards, rows, progress), num_shards
 
 
 def available_memory(device: torch.device) -> int:
@@ -162,16 +171,22 @@ class FeatureStore:
         self.filled += len(rows)
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows (len(indices), dim) on the model's device; from disk, only those rows are read."""
+        """Rows (len(indices), dim) on the model's device; from disk, only those rows are read, each run of
+        consecutive rows in one read (plain reads, not a memory map: nothing read stays in this process)."""
         if not self.on_disk:
             return self.features[indices.to(self.device)]
         self.file.flush()
-        mapped = np.memmap(self.file, dtype=np.float32, mode="r", shape=(self.filled, self.dim))
         indices = indices.cpu().numpy()
-        order = np.argsort(indices, kind="stable")  # read in file order, return in the order asked for
+        order = np.argsort(indices, kind="stable")
+        wanted = indices[order]
         rows = np.empty((len(indices), self.dim), np.float32)
-        rows[order] = mapped[indices[order]]
-        del mapped  # unmaps: the pages read do not stay in this process's memory
+        for run in np.split(np.arange(len(wanted)), np.flatnonzero(np.diff(wanted) != 1) + 1):
+            if len(run):
+                block = np.empty((len(run), self.dim), np.float32)
+                self.file.seek(int(wanted[run[0]]) * self.dim * 4)
+                self.file.readinto(memoryview(block))
+                rows[order[run]] = block
+        self.file.seek(0, os.SEEK_END)  # appends go on at the end
         return torch.from_numpy(rows).to(self.device)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from atomic import atomic_write
 from backbone import FeatureExtractor
 from calibration import Calibration
-from config import PatchCoreConfig, UserError
+from config import PatchCoreConfig, UserError, cpu_has_native_bf16
 from coreset import FeatureStore, Projection, choose_coreset
 from dataset import image_tensor, load_image
 from search import NearestNeighbours
@@ -184,6 +185,9 @@ class PatchCore:
         config.validate()
         self.config, self.device = config, device
         self.precision = config.resolved_precision(device)
+        if self.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            print("note: this CPU has no native bf16: the backbone runs far slower in bf16 than in fp32",
+                  file=sys.stderr)
         if extractor is None:
             torch.manual_seed(config.seed)  # makes --weights none reproducible
             extractor = FeatureExtractor(config.backbone, config.weights, config.layers)

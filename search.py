@@ -8,6 +8,7 @@ import faiss
 import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
 import torch
 
+from config import cpu_has_native_bf16
 
 def ivf_lists(bank_size: int) -> int:
     """Inverted lists for a bank: 4 sqrt(N), as faiss's guidelines suggest, and at least 39 training points each."""
@@ -21,7 +22,8 @@ class NearestNeighbours:
     and visits the ``probe`` lists nearest to each query: approximate, much faster on big banks. ``bf16`` (flat
     only) ranks the bank with bfloat16 products, for CPUs and GPUs with native bf16, then re-ranks the
     ``candidates`` best exactly in float32: the distances returned are those of float32 search for the entry
-    found, which is the exact nearest unless a true neighbour fell outside the candidates. On a GPU with
+    found, which is the exact nearest unless a true neighbour fell outside the candidates (a CPU without bf16
+    units rounds the same way but multiplies in fp32, as fast as fp32 search). On a GPU with
     faiss-gpu, a bank too big for one GPU is split across all of them (faiss sharding).
     """
 
@@ -32,7 +34,9 @@ class NearestNeighbours:
         dim, on_gpu = self.bank.shape[1], self.bank.device.type == "cuda"
         if self.bf16 or (on_gpu and not hasattr(faiss, "StandardGpuResources") and search == "flat"):
             self.bank_norms = self.bank.square().sum(1)
-            self.bank_bf16 = self.bank.bfloat16() if self.bf16 else None
+            self.native_bf16 = on_gpu or cpu_has_native_bf16()
+            if self.bf16:  # a CPU without bf16 units gets the same rounding, computed in fp32 at fp32 speed
+                self.bank_bf16 = self.bank.bfloat16() if self.native_bf16 else self.bank.bfloat16().float()
             return
         if search == "ivf":
             self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, ivf_lists(len(self.bank)))
@@ -78,7 +82,8 @@ class NearestNeighbours:
                 values.append(best.values)
                 indices.append(best.indices)
                 continue
-            products = (part.bfloat16() @ self.bank_bf16.T).float()
+            rounded = part.bfloat16() if self.native_bf16 else part.bfloat16().float()
+            products = (rounded @ self.bank_bf16.T).bfloat16().float()
             candidates = (self.bank_norms - 2 * products).topk(max(k, self.candidates), dim=1, largest=False).indices
             exact = (part[:, None] - self.bank[candidates]).square().sum(2)
             best = exact.topk(k, dim=1, largest=False)

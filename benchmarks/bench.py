@@ -140,10 +140,10 @@ def main() -> None:
         report["rows"][name] = {"reference": reference, "project": project}
         print(f"{name}: both sides in {time.perf_counter() - start:.0f} s (other processes' CPU during the "
               f"reference run: {reference['other_cpu_s']} s)", flush=True)
-    table = markdown(report)
+        table = markdown(report)  # after every row: a long run keeps what it measured
+        atomic_write_text(Path(run.results_dir) / "benchmark.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(run.results_dir) / "benchmark.md", table + "\n")
     print(table)
-    atomic_write_text(Path(run.results_dir) / "benchmark.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(Path(run.results_dir) / "benchmark.md", table + "\n")
 
 
 if __name__ == "__main__":

@@ -61,12 +61,23 @@ def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float, can
 
 
 @pytest.mark.parametrize("ratio", [0.1, 1.0])
-def test_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float) -> None:
+@pytest.mark.parametrize("mode", ["exact", "sharded"])
+def test_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float, mode: str) -> None:
     features = random_features(300, 40, 4)
     rows = torch.arange(300)[torch.arange(300) % 5 != 2]
     points, projection = project(features, 16, 3)
-    picks, _ = choose_coreset(points, ratio, projection, "exact", 1000, rows=rows, progress=False)
-    alone, _ = choose_coreset(points[rows], ratio, projection, "exact", 1000, progress=False)
+    picks, _ = choose_coreset(points, ratio, projection, mode, 1000, rows=rows, progress=False)
+    alone, _ = choose_coreset(points[rows], ratio, projection, mode, 1000, progress=False)
+    assert picks.tolist() == rows[alone].tolist()
+
+
+@pytest.mark.parametrize("candidates", [3, 50])
+def test_greedy_coreset_of_some_rows_with_few_candidates(candidates: int) -> None:
+    """The rows left out never enter a pass's picks, however few candidates a pass has."""
+    points, projection = project(random_features(300, 40, 8), 16, 3)
+    rows = torch.arange(0, 300, 3)
+    picks = greedy_coreset(points, 0.2, projection.generator(), rows, candidates=candidates, progress=False)
+    alone = greedy_coreset(points[rows], 0.2, projection.generator(), candidates=candidates, progress=False)
     assert picks.tolist() == rows[alone].tolist()
 
 

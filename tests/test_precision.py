@@ -45,6 +45,18 @@ def test_bf16_search_returns_float32_exact_distances_of_the_nearest_entry() -> N
     torch.testing.assert_close(distances[:, 0].double(), want_distances, rtol=1e-2, atol=1e-3)
 
 
+def test_bf16_search_without_bf16_units_rounds_as_bf16_products_do(monkeypatch) -> None:
+    """On a CPU without bf16 units the candidates come from fp32 products of bf16-rounded inputs, rounded to bf16:
+    the same candidates as bf16 products (which accumulate in fp32), up to the order of the additions."""
+    bank, queries = clustered(2000, 64, 6), clustered(300, 64, 7)
+    found = {}
+    for native in (True, False):
+        monkeypatch.setattr("search.cpu_has_native_bf16", lambda native=native: native)
+        found[native] = NearestNeighbours(bank, bf16=True).search(queries, 1)
+    assert (found[True][1] == found[False][1]).float().mean() >= 0.99
+    torch.testing.assert_close(found[True][0], found[False][0], rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_search_with_every_entry_a_candidate_is_exact() -> None:
     bank, queries = clustered(40, 16, 2), clustered(30, 16, 3)
     distances, indices = NearestNeighbours(bank, bf16=True, candidates=40).search(queries, 3)
