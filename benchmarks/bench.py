@@ -109,7 +109,7 @@ def markdown(report: dict) -> str:
             f"{ours['calibration_s']:.1f} s | {ref['t_test_inference_s']:.1f} s | {ours['inference_s']:.1f} s | "
             f"**{ref['t_test_inference_s'] / ours['inference_s']:.1f}x** | {ref['image_auroc']:.4f} / "
             f"{ref['pixel_auroc']:.4f} | {ours['image_auroc']:.4f} / {ours['pixel_auroc']:.4f} | "
-            f"{(ref['peak_rss_mb'] + ref['peak_rss_children_mb']) / 1024:.2f} / {ours['peak_rss_gb']:.2f} GB |")
+            f"{(ref['peak_rss_mb'] + ref['peak_rss_children_mb']) / 1024:.2f} / {ours['peak_rss_gb']:.2f} GiB |")
     return "\n".join(lines)
 
 

@@ -172,7 +172,7 @@ def markdown(report: dict) -> str:
             last = previous.get(version)
             per_patch = (f"{(r['peak_rss_gb'] - last['peak_rss_gb']) * 2**30 / (r['patches'] - last['patches']):,.0f} B"
                          if last else "")
-            lines.append(f"| {size} | {r['patches']:,} | {version} | {r['peak_rss_gb']:.2f} GB | {per_patch} | "
+            lines.append(f"| {size} | {r['patches']:,} | {version} | {r['peak_rss_gb']:.2f} GiB | {per_patch} | "
                          f"{r['features_s']:.0f} s | {approx}{r['coreset_s']:.0f} s | {approx}{r['calibration_s']:.0f} s | "
                          f"{r['memory_bank_size']:,} |")
             previous[version] = r
