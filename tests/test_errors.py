@@ -278,10 +278,11 @@ def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tile
     """SIGINT while the first category ('gray') trains: exit 130, the earlier tiles.pt untouched, no temp file."""
     earlier, checkpoints = checkpoint_copy, checkpoint_copy.parent
     original = earlier.read_bytes()
-    # Larger images than SMALL's keep 'gray' training for about a second after its first line: the signal lands then.
     command = [sys.executable, "-u", str(ROOT / "train.py"), "--data_path", str(trained_tiles.data_root),
-               "--checkpoint_dir", str(checkpoints), *SMALL, "--resize", "256", "--image_size", "224"]
-    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as train:
+               "--checkpoint_dir", str(checkpoints), *SMALL]
+    # A suite started in the background inherits SIGINT ignored, and so would train.py: give it the default back.
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as train:
         for line in train.stdout:
             if line.startswith("[gray]"):
                 train.send_signal(signal.SIGINT)
