@@ -16,7 +16,7 @@ DATA_PATH_ENV = "MVTEC_AD_PATH"
 DEFAULT_DATA_PATH = "data/mvtec_ad"
 CORESET_MODES = ("auto", "exact", "sharded")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SEARCHES = ("flat", "ivf")
+SEARCHES = ("pruned", "flat", "ivf")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
 
 
@@ -61,12 +61,14 @@ class PatchCoreConfig:
                                    "(sharded above that size)", choices=CORESET_MODES)
     coreset_shard_size: int = _option(4_000_000, "training patches above which 'auto' shards the coreset (about 5,100 "
                                                  "images at 224 px)")
-    search: str = _option("flat", "nearest-neighbour search: 'flat' (exact) or 'ivf' (faiss inverted file: "
-                                  "approximate, for banks of 100k+ entries)", choices=SEARCHES)
+    search: str = _option("pruned", "nearest-neighbour search: 'pruned' (exact; lower bounds on the bank's principal "
+                                    "axes skip most distances), 'flat' (exact, every distance), or 'ivf' (faiss "
+                                    "inverted file: approximate, for banks of 100k+ entries)", choices=SEARCHES)
     ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")
-    precision: str = _option("auto", "'fp32', 'bf16' (backbone under bf16 autocast; on the CPU also a bf16 k-NN "
-                                     "candidate search re-ranked in fp32), 'fp16' (backbone under fp16 autocast), or "
-                                     "'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise",
+    precision: str = _option("auto", "'fp32', 'bf16' (backbone under bf16 autocast; with --search flat on the CPU "
+                                     "also a bf16 k-NN candidate search re-ranked in fp32), 'fp16' (backbone under "
+                                     "fp16 autocast), or 'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 "
+                                     "otherwise",
                                choices=PRECISIONS)
 
     def validate(self) -> None:

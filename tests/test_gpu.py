@@ -30,7 +30,7 @@ def test_coreset_on_the_gpu_picks_what_the_cpu_picks() -> None:
         assert agree > 0.95, mode  # float rounding may swap a few near-ties
 
 
-@pytest.mark.parametrize("search, bf16", [("flat", False), ("flat", True), ("ivf", False)])
+@pytest.mark.parametrize("search, bf16", [("pruned", False), ("flat", False), ("flat", True), ("ivf", False)])
 def test_search_on_the_gpu_equals_the_cpu(search: str, bf16: bool) -> None:
     generator = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(4000, 64, generator=generator), torch.randn(500, 64, generator=generator)
