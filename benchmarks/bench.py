@@ -80,7 +80,8 @@ def project_job(config: PatchCoreConfig, run: EvalConfig, category: str) -> dict
     return {"features_s": timings["features_s"], "coreset_s": timings["coreset_s"],
             "calibration_s": timings["calibration_s"], "inference_s": predictions.seconds, "test_images": len(test),
             "memory_bank": timings["memory_bank_size"], "image_auroc": metrics["image_auroc"],
-            "pixel_auroc": metrics["pixel_auroc"], "precision": model.precision,
+            "pixel_auroc": metrics["pixel_auroc"], "precision": model.precision, "search": config.search,
+            "settled": getattr(model.neighbours.index, "settled", None),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -98,7 +99,8 @@ def anchor_job(anchor: Path, data_path: str, category: str, ratio: float, backbo
 def markdown(report: dict) -> str:
     lines = ["| setting | reference: features + coreset | this project | speed-up | + thresholds (ours only) | "
              "reference: inference | this project | speed-up | image / pixel AUROC, reference | this project | "
-             "peak RSS, reference / ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS, reference / ours | test patches settled by the bounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["rows"].items():
         ref, ours = r["reference"], r["project"]
         ref_train = ref["t_feature_extraction_s"] + ref["t_coreset_s"]
@@ -109,8 +111,14 @@ def markdown(report: dict) -> str:
             f"{ours['calibration_s']:.1f} s | {ref['t_test_inference_s']:.1f} s | {ours['inference_s']:.1f} s | "
             f"**{ref['t_test_inference_s'] / ours['inference_s']:.1f}x** | {ref['image_auroc']:.4f} / "
             f"{ref['pixel_auroc']:.4f} | {ours['image_auroc']:.4f} / {ours['pixel_auroc']:.4f} | "
-            f"{(ref['peak_rss_mb'] + ref['peak_rss_children_mb']) / 1024:.2f} / {ours['peak_rss_gb']:.2f} GiB |")
+            f"{(ref['peak_rss_mb'] + ref['peak_rss_children_mb']) / 1024:.2f} / {ours['peak_rss_gb']:.2f} GiB | "
+            f"{_settled_share(ours.get('settled'))} |")
     return "\n".join(lines)
+
+
+def _settled_share(settled: list[int] | None) -> str:
+    """Share of the queries that the pruned search settled with its lower bounds, without a full search."""
+    return "–" if not settled else f"{1 - settled[-1] / sum(settled):.1%}"
 
 
 def main() -> None:
