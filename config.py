@@ -127,7 +127,8 @@ class RunConfig:
     checkpoint_dir: str = _option("checkpoints", "where the memory banks are")
     device: str = _option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     batch_size: int = _option(32, "images per batch")
-    num_workers: int = _option(min(4, os.cpu_count() or 1), "image-decoding worker processes")
+    num_workers: int = _option(-1, "image-decoding worker processes; -1: none on a CPU device of at most 4 cores "
+                                   "(they would compete with the backbone's threads), else min(4, cores)")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -3,6 +3,7 @@ ground_truth/<type>/<name>_mask.png}) and unlabelled images to inspect."""
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +212,19 @@ class MVTecDataset(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Batches in file order, decoded in worker processes (pinned memory for a GPU)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    """Batches in file order, decoded in ``num_workers`` worker processes (-1: ``auto_workers``; pinned memory for
+    a GPU)."""
+    workers = auto_workers(device) if num_workers < 0 else num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda")
+
+
+def auto_workers(device: torch.device) -> int:
+    """Decoding processes for ``device``: none for a CPU of at most 4 cores, where they would compete with the
+    backbone's threads (bottle's 83 test images on 2 cores: 5.4 s decoded between batches, 6.1 s with 2 workers);
+    else up to 4."""
+    cores = os.cpu_count() or 1
+    return 0 if device.type == "cpu" and cores <= 4 else min(4, cores)
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:

@@ -16,7 +16,7 @@ from scipy import ndimage
 from baseline import reference_embedding
 from conftest import GRAY_COUNTS, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process, run_script
 from config import PatchCoreConfig
-from dataset import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, make_loader
+from dataset import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, auto_workers, make_loader
 from patchcore import PatchCore, PatchEmbedding, anomaly_maps, read_checkpoint
 from search import NearestNeighbours
 
@@ -304,3 +304,12 @@ def test_skip_existing(trained_tiles: Trained, checkpoint_copy: Path, tmp_path: 
     assert truncated.returncode == 0, truncated.stderr
     assert "trained 1, skipped 0" in truncated.stdout
     assert read_checkpoint(path)["config"]["coreset_ratio"] == 0.2
+
+
+@pytest.mark.parametrize("cores, device, workers", [(2, "cpu", 0), (4, "cpu", 0), (16, "cpu", 4), (2, "cuda", 2),
+                                                    (16, "cuda", 4)])
+def test_decoding_processes_only_where_cores_are_to_spare(monkeypatch, cores: int, device: str, workers: int) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert auto_workers(torch.device(device)) == workers
+    loader = make_loader(list(range(4)), batch_size=2, num_workers=-1, device=torch.device("cpu"))
+    assert loader.num_workers == auto_workers(torch.device("cpu"))
