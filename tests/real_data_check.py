@@ -1,9 +1,10 @@
 """Real-data accuracy check on ../shared (MVTec AD bottle, magnetic tile; ImageNet ResNet-50): run by .ci/run.
 
 Trains and evaluates both categories through the real CLI and fails if bottle falls below image AUROC 0.99 or
-pixel AUROC 0.975 (a minimal PatchCore on the same data and weights gets 1.000 / 0.982), or if magnetic-tile test
-images saved as 16-bit PNG score more than 0.1% apart from their 8-bit originals. Prints the operating points of the
-thresholds train.py stored. Exits 0, saying so, when ../shared is absent (a user's clone).
+pixel AUROC 0.975 (a minimal PatchCore on the same data and weights gets 1.000 / 0.982), if magnetic-tile test
+images saved as 16-bit PNG score more than 0.1% apart from their 8-bit originals, or if the pruned search finds
+another nearest bank entry than the flat search for a test patch (beyond float32 ties). Prints the operating points
+of the thresholds train.py stored. Exits 0, saying so, when ../shared is absent (a user's clone).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "resnet50_imagenet_upto_layer3.pth"
 THRESHOLDS = {"bottle": {"image_auroc": 0.99, "pixel_auroc": 0.975}}
@@ -53,6 +55,32 @@ def sixteen_bit_check(tmp: Path, per_type: int = 10) -> list[str]:
     return [] if difference < 1e-3 else [f"16-bit images score {difference:.2%} apart from their 8-bit originals"]
 
 
+def pruned_search_check(checkpoints: Path, category: str, images: int = 60) -> list[str]:
+    """The pruned search's nearest bank entries for the patches of the first test images against the flat search's:
+    the same entry, or one at the same float32 distance (a tie)."""
+    import torch
+
+    from dataset import MVTecDataset
+    from patchcore import PatchCore
+    from search import NearestNeighbours
+
+    model, _ = PatchCore.load(checkpoints / f"{category}.pt")
+    test = MVTecDataset(CATEGORIES[category], category, "test", model.config.resize, model.config.image_size)
+    batch = torch.stack([test[i]["image"] for i in range(min(images, len(test)))])
+    queries = torch.cat([model.embed(part) for part in batch.split(16)]).flatten(0, 2)
+    pruned, flat = model.neighbours, NearestNeighbours(model.memory_bank, "flat")
+    (distance, index), (_, flat_index) = pruned.search(queries, 1), flat.search(queries, 1)
+    other = (index != flat_index).flatten()
+    flat_distance = (queries[other] - model.memory_bank[flat_index[other, 0]]).norm(dim=1)  # directly, not via a GEMM
+    worse = int((distance[other, 0] > flat_distance * (1 + 1e-5)).sum())
+    settled = pruned.index.settled
+    print(f"{category}: pruned search of {len(queries):,} test patches in a bank of {len(model.memory_bank):,}: "
+          f"settled by the bounds {sum(settled[:-1]) / sum(settled):.1%} (per level "
+          f"{', '.join(str(n) for n in settled[:-1])}; full search {settled[-1]}); another entry than flat search "
+          f"for {int(other.sum())}, a farther one for {worse}")
+    return [f"{category}: the pruned search found a farther entry than flat search for {worse} patches"] if worse else []
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results_dir", help="keep results here (default: a temporary folder)")
@@ -77,6 +105,7 @@ def main() -> int:
                   f"{figures['f1_max_point']['recall']:.3f}")
             failures += [f"{category} {metric} {figures[metric]:.4f} < {minimum}"
                          for metric, minimum in THRESHOLDS.get(category, {}).items() if figures[metric] < minimum]
+            failures += pruned_search_check(checkpoints, category)
         failures += sixteen_bit_check(Path(tmp))
     if failures:
         print("real-data check FAILED: " + "; ".join(failures))
