@@ -21,6 +21,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from dataset import MVTecDataset  # noqa: E402
+from patchcore import PatchCore  # noqa: E402
+from search import NearestNeighbours  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "resnet50_imagenet_upto_layer3.pth"
 THRESHOLDS = {"bottle": {"image_auroc": 0.99, "pixel_auroc": 0.975}}
@@ -58,12 +65,6 @@ def sixteen_bit_check(tmp: Path, per_type: int = 10) -> list[str]:
 def pruned_search_check(checkpoints: Path, category: str, images: int = 60) -> list[str]:
     """The pruned search's nearest bank entries for the patches of the first test images against the flat search's:
     the same entry, or one at the same float32 distance (a tie)."""
-    import torch
-
-    from dataset import MVTecDataset
-    from patchcore import PatchCore
-    from search import NearestNeighbours
-
     model, _ = PatchCore.load(checkpoints / f"{category}.pt")
     test = MVTecDataset(CATEGORIES[category], category, "test", model.config.resize, model.config.image_size)
     batch = torch.stack([test[i]["image"] for i in range(min(images, len(test)))])
@@ -78,7 +79,9 @@ def pruned_search_check(checkpoints: Path, category: str, images: int = 60) -> l
           f"settled by the bounds {sum(settled[:-1]) / sum(settled):.1%} (per level "
           f"{', '.join(str(n) for n in settled[:-1])}; full search {settled[-1]}); another entry than flat search "
           f"for {int(other.sum())}, a farther one for {worse}")
-    return [f"{category}: the pruned search found a farther entry than flat search for {worse} patches"] if worse else []
+    if worse:
+        return [f"{category}: the pruned search found a farther entry than flat search for {worse} patches"]
+    return []
 
 
 def main() -> int:

@@ -19,7 +19,8 @@ def brute_force(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarr
 def correlated(rows: int, generator: np.random.Generator, dim: int = 1024, rank: int = 24) -> np.ndarray:
     """Features whose variance sits on a few axes, as patch features' does, plus a little isotropic noise."""
     mixing = generator.standard_normal((rank, dim)) / np.sqrt(rank)
-    return (generator.standard_normal((rows, rank)) @ mixing + 0.02 * generator.standard_normal((rows, dim))).astype(np.float32)
+    noise = 0.02 * generator.standard_normal((rows, dim))
+    return (generator.standard_normal((rows, rank)) @ mixing + noise).astype(np.float32)
 
 
 def assert_same_neighbours(bank: np.ndarray, queries: np.ndarray, squared: np.ndarray, indices: np.ndarray,
