@@ -35,27 +35,25 @@ class PrunedFlatIndex:
         self.flat = faiss.IndexFlatL2(dim)
         self.flat.add(self.bank)
         heads = tuple(h for h in heads if 2 * h < dim) if size > 4 * candidates else ()
-        self.levels: list[tuple[np.ndarray, faiss.IndexFlatL2, float]] = []
+        self.levels: list[tuple[np.ndarray, faiss.IndexFlatL2]] = []
         if heads:
             sample = self.bank[np.linspace(0, size - 1, min(size, 16384)).astype(np.int64)].astype(np.float64)
             _, axes = np.linalg.eigh(np.cov(sample, rowvar=False))  # ascending variance; orthonormal in float64
             self.mean = sample.mean(0).astype(np.float32)
             principal = np.ascontiguousarray(axes[:, ::-1][:, :max(heads)], dtype=np.float32)
+            centered, norms = self._centered(self.bank)
+            self.bank_norm = float(norms.max())
         for head in heads:
             axes_h = np.ascontiguousarray(principal[:, :head])
-            bounds = self._bounds(self.bank, axes_h)
             index = faiss.IndexFlatL2(head + 1)
-            index.add(bounds)
-            self.levels.append((axes_h, index, float(np.square(bounds, dtype=np.float64).sum(1).max())))
+            index.add(_bounds(centered, norms, axes_h))
+            self.levels.append((axes_h, index))
         self.settled = [0] * (len(self.levels) + 1)
 
-    def _bounds(self, x: np.ndarray, axes: np.ndarray) -> np.ndarray:
-        """Rows of x as (first coordinates on ``axes``, norm of the remaining ones), around the bank's mean."""
+    def _centered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of x around the bank's mean, and their squared norms in float64."""
         centered = x - self.mean
-        head = centered @ axes
-        total = np.einsum("ij,ij->i", centered, centered, dtype=np.float64)
-        tail = np.sqrt(np.maximum(total - np.einsum("ij,ij->i", head, head, dtype=np.float64), 0))
-        return np.ascontiguousarray(np.hstack([head, tail[:, None].astype(np.float32)]))
+        return centered, np.einsum("ij,ij->i", centered, centered, dtype=np.float64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (M, k) and bank indices (M, k) of each query's k nearest entries, nearest first."""
@@ -64,12 +62,12 @@ class PrunedFlatIndex:
         squared, indices = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
         todo = np.arange(len(queries))
         candidates = self.candidates + k - 1  # k neighbours and as many spares as for k = 1
-        for level, (axes, index, bank_norm) in enumerate(self.levels):
-            part = queries[todo]
-            bounds = self._bounds(part, axes)
-            lower, nearest = index.search(bounds, candidates + 1)
-            part_squared, part_indices = self._exact(part, nearest[:, :candidates], k)
-            slack = self.margin * (np.square(bounds, dtype=np.float64).sum(1) + bank_norm)
+        if self.levels:
+            centered, norms = self._centered(queries)
+        for level, (axes, index) in enumerate(self.levels):
+            lower, nearest = index.search(_bounds(centered[todo], norms[todo], axes), candidates + 1)
+            part_squared, part_indices = self._exact(queries[todo], nearest[:, :candidates], k)
+            slack = self.margin * (norms[todo] + self.bank_norm)
             done = lower[:, candidates] >= part_squared[:, -1] + slack
             squared[todo[done]], indices[todo[done]] = part_squared[done], part_indices[done]
             self.settled[level] += int(done.sum())
@@ -89,6 +87,14 @@ class PrunedFlatIndex:
                                queries.shape[1], rows, len(self.bank), width, k, faiss.swig_ptr(squared),
                                faiss.swig_ptr(indices), width)  # an explicit row stride: -1 misreads the rows
         return squared, indices
+
+
+def _bounds(centered: np.ndarray, norms: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Centered rows as (their first coordinates on ``axes``, the norm of the remaining ones), from their squared
+    norms ``norms``: points whose distances bound the rows' distances from below."""
+    head = centered @ axes
+    tail = np.sqrt(np.maximum(norms - np.einsum("ij,ij->i", head, head, dtype=np.float64), 0))
+    return np.ascontiguousarray(np.hstack([head, tail[:, None].astype(np.float32)]))
 
 
 def ivf_lists(bank_size: int) -> int:
