@@ -65,10 +65,12 @@ class PrunedFlatIndex:
         if self.levels:
             centered, norms = self._centered(queries)
         for level, (axes, index) in enumerate(self.levels):
-            lower, nearest = index.search(_bounds(centered[todo], norms[todo], axes), candidates + 1)
-            part_squared, part_indices = self._exact(queries[todo], nearest[:, :candidates], k)
-            slack = self.margin * (norms[todo] + self.bank_norm)
-            done = lower[:, candidates] >= part_squared[:, -1] + slack
+            every = len(todo) == len(queries)  # the first level takes them all: no copies
+            part = queries if every else queries[todo]
+            part_centered, part_norms = (centered, norms) if every else (centered[todo], norms[todo])
+            lower, nearest = index.search(_bounds(part_centered, part_norms, axes), candidates + 1)
+            part_squared, part_indices = self._exact(part, nearest[:, :candidates], k)
+            done = lower[:, candidates] >= part_squared[:, -1] + self.margin * (part_norms + self.bank_norm)
             squared[todo[done]], indices[todo[done]] = part_squared[done], part_indices[done]
             self.settled[level] += int(done.sum())
             todo = todo[~done]
