@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +56,14 @@ def in_fresh_process(job: Callable, *args) -> dict:
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, job, args))
     process.start()
-    result = queue.get()
-    process.join()
-    return result
+    while process.is_alive() or not queue.empty():
+        try:
+            result = queue.get(timeout=1)
+        except Empty:
+            continue
+        process.join()
+        return result
+    sys.exit(f"the benchmark's child process died (exit code {process.exitcode}) before reporting: see its output above")
 
 
 def _child(queue: multiprocessing.Queue, job: Callable, args: tuple) -> None:
@@ -112,11 +118,11 @@ def markdown(report: dict) -> str:
             f"**{ref['t_test_inference_s'] / ours['inference_s']:.1f}x** | {ref['image_auroc']:.4f} / "
             f"{ref['pixel_auroc']:.4f} | {ours['image_auroc']:.4f} / {ours['pixel_auroc']:.4f} | "
             f"{(ref['peak_rss_mb'] + ref['peak_rss_children_mb']) / 1024:.2f} / {ours['peak_rss_gb']:.2f} GiB | "
-            f"{_settled_share(ours.get('settled'))} |")
+            f"{settled_share(ours.get('settled'))} |")
     return "\n".join(lines)
 
 
-def _settled_share(settled: list[int] | None) -> str:
+def settled_share(settled: list[int] | None) -> str:
     """Share of the queries that the pruned search settled with its lower bounds, without a full search."""
     return "–" if not settled else f"{1 - settled[-1] / sum(settled):.1%}"
 
