@@ -166,7 +166,7 @@ def changed_flags(*configs: object) -> list[str]:
 
 def markdown(report: dict) -> str:
     lines = ["| images | patches | version | peak RSS | + RSS per added patch | features | coreset | thresholds "
-             "(calibration) | bank |", "|---|---|---|---|---|---|---|---|---|"]
+             "(calibration) | bank |", "|---|---|---|---|---|---|---|---|---|"] if report["curve"] else []
     previous: dict[str, dict] = {}
     for size, versions in report["curve"].items():
         for version, r in versions.items():
