@@ -63,7 +63,8 @@ def in_fresh_process(job: Callable, *args) -> dict:
             continue
         process.join()
         return result
-    sys.exit(f"the benchmark's child process died (exit code {process.exitcode}) before reporting: see its output above")
+    sys.exit(f"the benchmark's child process died (exit code {process.exitcode}) before reporting: see its output "
+             f"above")
 
 
 def _child(queue: multiprocessing.Queue, job: Callable, args: tuple) -> None:

@@ -116,7 +116,8 @@ def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_ima
                probes: list[int]) -> dict:
     """Exact (flat and pruned), bf16 (re-ranked) and inverted-file search of test patches in a bank of every patch
     of ``bank_images`` training images: build and search seconds, recall@1 against exact search, image and pixel
-    AUROC on the test sample, the share the pruned search settled by its bounds. Without bf16 units, the bf16 search rounds as bf16 does but multiplies in fp32 (its time is fp32's)."""
+    AUROC on the test sample, the share the pruned search settled by its bounds. Without bf16 units, the bf16 search
+    rounds as bf16 does but multiplies in fp32 (its time is fp32's)."""
     device = run.resolved_device()
     model = PatchCore(config, device)
     train = sample(MVTecDataset(run.data_path, category, "train", config.resize, config.image_size), bank_images, 1)
