@@ -64,7 +64,7 @@ def in_fresh_process(job: Callable, *args) -> dict:
         process.join()
         return result
     sys.exit(f"the benchmark's child process died (exit code {process.exitcode}) before reporting: see its output "
-             f"above")
+             "above")
 
 
 def _child(queue: multiprocessing.Queue, job: Callable, args: tuple) -> None:
