@@ -179,8 +179,8 @@ class NearestNeighbours:
                 indices.append(best.indices)
                 continue
             rounded = part.bfloat16() if self.native_bf16 else part.bfloat16().float()
-            products = (rounded @ self.bank_bf16.T).bfloat16().float()
-            candidates = (self.bank_norms - 2 * products).topk(max(k, self.candidates), dim=1, largest=False).indices
+            ranked = (rounded @ self.bank_bf16.T).bfloat16().float().mul_(-2).add_(self.bank_norms)
+            candidates = ranked.topk(max(k, self.candidates), dim=1, largest=False).indices
             exact = (part[:, None] - self.bank[candidates]).square().sum(2)
             best = exact.topk(k, dim=1, largest=False)
             values.append(best.values)
