@@ -273,9 +273,10 @@ class PatchCore:
         return FeatureStore(num_rows, dim, self.device, on_disk)
 
     def _score_held_out(self, store: FeatureStore, points: torch.Tensor, projection: Projection, grid: list[int],
-                        held_out: Sequence[int], batch_size: int = 32) -> dict[str, list[float]]:
+                        held_out: Sequence[int], batch_size: int = 8) -> dict[str, list[float]]:
         """Scores and map maxima of the ``held_out`` images (rows of ``store``, grid[0] * grid[1] per image)
-        against the coreset of the other images' patches."""
+        against the coreset of the other images' patches, ``batch_size`` images at a time: few, because the
+        training features are still in memory and the search's temporaries grow with the batch."""
         patches_per_image = grid[0] * grid[1]
         held_out = torch.as_tensor(list(held_out))
         every = torch.arange(store.filled)

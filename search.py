@@ -32,15 +32,10 @@ class PrunedFlatIndex:
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         size, dim = self.bank.shape
         self.candidates, self.margin = candidates, margin
-        self.flat = faiss.IndexFlatL2(dim)
-        self.flat.add(self.bank)
         heads = tuple(h for h in heads if 2 * h < dim) if size > 4 * candidates else ()
         self.levels: list[tuple[np.ndarray, faiss.IndexFlatL2]] = []
         if heads:
-            sample = self.bank[np.linspace(0, size - 1, min(size, 16384)).astype(np.int64)].astype(np.float64)
-            _, axes = np.linalg.eigh(np.cov(sample, rowvar=False))  # ascending variance; orthonormal in float64
-            self.mean = sample.mean(0).astype(np.float32)
-            principal = np.ascontiguousarray(axes[:, ::-1][:, :max(heads)], dtype=np.float32)
+            self.mean, principal = _principal_axes(self.bank, max(heads))
             centered, norms = self._centered(self.bank)
             self.bank_norm = float(norms.max())
         for head in heads:
@@ -75,7 +70,7 @@ class PrunedFlatIndex:
             self.settled[level] += int(done.sum())
             todo = todo[~done]
         if len(todo):
-            _, nearest = self.flat.search(queries[todo], k)
+            _, nearest = faiss.knn(queries[todo], self.bank, k)  # a flat search without an index's copy of the bank
             squared[todo], indices[todo] = self._exact(queries[todo], nearest, k)
         self.settled[-1] += len(todo)
         return squared, indices
@@ -89,6 +84,22 @@ class PrunedFlatIndex:
                                queries.shape[1], rows, len(self.bank), width, k, faiss.swig_ptr(squared),
                                faiss.swig_ptr(indices), width)  # an explicit row stride: -1 misreads the rows
         return squared, indices
+
+
+def _principal_axes(bank: np.ndarray, count: int, sample_size: int = 16384,
+                    chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The mean (D,) and the ``count`` leading principal axes (D, count) of up to ``sample_size`` evenly spaced bank
+    rows, both float32; the scatter matrix is summed in float64 a chunk of rows at a time, so the bank is never
+    copied whole (at float64, twice its float32 size)."""
+    rows = np.linspace(0, len(bank) - 1, min(len(bank), sample_size)).astype(np.int64)
+    parts = np.array_split(rows, -(-len(rows) // chunk))
+    mean = sum(bank[part].sum(0, dtype=np.float64) for part in parts) / len(rows)
+    scatter = np.zeros((bank.shape[1],) * 2)
+    for part in parts:
+        centered = bank[part] - mean
+        scatter += centered.T @ centered
+    _, axes = np.linalg.eigh(scatter)  # ascending variance; orthonormal in float64
+    return mean.astype(np.float32), np.ascontiguousarray(axes[:, ::-1][:, :count], dtype=np.float32)
 
 
 def _bounds(centered: np.ndarray, norms: np.ndarray, axes: np.ndarray) -> np.ndarray:
