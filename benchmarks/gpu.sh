@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared check for a GPU machine (about 6 minutes on one H200): train.py and evaluate.py with --device cuda
 # at coreset 1% and 10% on one category, timed; the steady-state inspection throughput (benchmarks/throughput.py);
-# then the test suite, whose tests/test_gpu.py compares every CUDA path with the CPU one, and whose other tests
-# take the GPU too (--device auto).
+# then the test suite: tests/test_gpu.py compares every CUDA path with the CPU one; the other tests check the CPU
+# paths, as on any machine (tests/conftest.py hides the GPU from them).
 #   bash benchmarks/gpu.sh DATA_ROOT CATEGORY WEIGHTS [OUT]
 # e.g. bash benchmarks/gpu.sh ../shared/data/mvtec_ad bottle ../shared/weights/resnet50_imagenet_upto_layer3.pth
 # WEIGHTS is a state-dict file for ResNet-50, or 'none': random weights, whose timings hold and AUROCs mean nothing.

@@ -11,9 +11,11 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +32,16 @@ TILES_COUNTS = {"train": 16, "good": 6, "blob": 6, "scratch": 6}
 GRAY_COUNTS = {"train": 8, "good": 3, "blob": 3}
 
 
+def script_environment(**variables: str) -> dict[str, str]:
+    """The environment for the processes tests start: this one's, with no GPU visible (the CPU paths, as
+    ``_cpu_outside_gpu_tests`` keeps them in this process), plus ``variables``."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **variables}
+
+
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as the user would, capturing its output."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=script_environment())
 
 
 def run_in_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -130,6 +138,19 @@ def _make_gray(root: Path, rng: np.random.Generator) -> None:
         image[mask] = 0.0
         _save(image, folder / "test" / "blob" / f"{i:03d}.png", "L")
         _save(mask.astype(float), folder / "ground_truth" / "blob" / f"{i:03d}_mask.png", "L")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_outside_gpu_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Outside tests/test_gpu.py, which compares the CUDA paths with the CPU ones, the suite checks the CPU paths
+    exactly: on a GPU machine '--device auto' resolves to the CPU there too (in this process, for the module's
+    fixtures too; in the processes tests start, through ``script_environment``)."""
+    if request.path.name == "test_gpu.py":
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, script_environment
 from patchcore import read_checkpoint
 
 
 def test_job_script_runs_one_task_per_category_in_parallel(data_root: Path, tmp_path: Path) -> None:
-    environment = {**os.environ, "PARALLEL": "2", "PYTHON": sys.executable,
-                   "CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "RESULTS_DIR": str(tmp_path / "results")}
+    environment = script_environment(PARALLEL="2", PYTHON=sys.executable, CHECKPOINT_DIR=str(tmp_path / "checkpoints"),
+                                     RESULTS_DIR=str(tmp_path / "results"))
     result = subprocess.run(["bash", str(ROOT / "cluster" / "categories.sbatch"), str(data_root), *SMALL],
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

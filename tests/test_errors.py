@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from backbone import FeatureExtractor
-from conftest import ROOT, SMALL, Trained, run_in_process, run_script
+from conftest import ROOT, SMALL, Trained, run_in_process, run_script, script_environment
 from patchcore import read_checkpoint
 
 PROGRESS_BAR = re.compile(r"^[\w ]+:\s+\d+%\|")  # tqdm's progress lines, also on stderr
@@ -211,8 +211,7 @@ def _snapshot(*folders: Path) -> dict[Path, bytes]:
             if p.is_file()}
 
 
-MARKS = {"imagenet weights offline": OFFLINE_ONLY,
-         "cuda without cuda": pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")}
+MARKS = {"imagenet weights offline": OFFLINE_ONLY}  # "cuda without cuda" runs on a GPU machine too: conftest hides it
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=MARKS.get(name, ()), id=re.sub(r"\W+", "-", name))
@@ -282,7 +281,7 @@ def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tile
                "--checkpoint_dir", str(checkpoints), *SMALL]
     # A suite started in the background inherits SIGINT ignored, and so would train.py: give it the default back.
     with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as train:
+                          env=script_environment(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as train:
         for line in train.stdout:
             if line.startswith("[gray]"):
                 train.send_signal(signal.SIGINT)
