@@ -25,7 +25,7 @@ from atomic import atomic_write_text  # noqa: E402
 from bench import in_fresh_process, machine, project_job  # noqa: E402
 from config import EvalConfig, PatchCoreConfig, add_arguments, cpu_has_native_bf16, from_arguments  # noqa: E402
 
-VARIANTS = (("fp32", "pruned"), ("bf16", "pruned"), ("bf16", "flat"))
+VARIANTS = ("fp32:pruned", "bf16:pruned", "bf16:flat")
 AUROC_TOLERANCE = 0.002
 
 
@@ -55,6 +55,8 @@ def main() -> None:
     add_arguments(parser, EvalConfig)
     add_arguments(parser, PatchCoreConfig)
     parser.add_argument("--coreset_ratios", type=float, nargs="+", default=[0.01, 0.1])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="precision:search runs per ratio, the first one the reference point")
     args = parser.parse_args()
     run, base_config = from_arguments(EvalConfig, args), from_arguments(PatchCoreConfig, args)
     report = {"machine": {**machine(run.resolved_device()), "native_bf16": cpu_has_native_bf16()},
@@ -63,7 +65,7 @@ def main() -> None:
     stem = Path(run.results_dir) / f"precision_{run.category}"
     for ratio in args.coreset_ratios:
         rows = report["rows"].setdefault(str(ratio), [])
-        for precision, search in VARIANTS:
+        for precision, search in (variant.split(":") for variant in args.variants):
             config = dataclasses.replace(base_config, coreset_ratio=ratio, precision=precision, search=search)
             rows.append(in_fresh_process(project_job, config, run, run.category))
             print(f"coreset {ratio}, {precision}, {search} search: image / pixel AUROC {rows[-1]['image_auroc']:.4f}"
