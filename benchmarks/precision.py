@@ -6,9 +6,10 @@
 For each coreset ratio, this project trains on the category and scores its whole test set, each time in a fresh
 process, as bench.py's project side does: in fp32 (the reference point), with --precision bf16 (the backbone under
 bf16 autocast, the default pruned search in fp32), and with --precision bf16 --search flat (also the bf16 k-NN
-candidates re-ranked in fp32). It reports the AUROCs, their change against fp32 (the issue's bound: 0.002) and the
-stage times. On a CPU without native bf16 the bf16 runs round as bf16 does but compute far slower than fp32:
-their AUROCs hold, their times say nothing about a bf16 CPU. Results: results/precision_<category>.json and .md.
+candidates re-ranked in fp32); --variants chooses among these, fp32 first. It reports the AUROCs, their change
+against fp32 (the issue's bound: 0.002) and the stage times. On a CPU without native bf16 the bf16 runs round as
+bf16 does but compute far slower than fp32: their AUROCs hold, their times say nothing about a bf16 CPU.
+Results: results/precision_<category>.json and .md.
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="precision:search runs per ratio, the first one the reference point")
     args = parser.parse_args()
+    if args.variants[0] != VARIANTS[0]:
+        parser.error(f"--variants: the first is the reference point, {VARIANTS[0]}")
     run, base_config = from_arguments(EvalConfig, args), from_arguments(PatchCoreConfig, args)
     report = {"machine": {**machine(run.resolved_device()), "native_bf16": cpu_has_native_bf16()},
               "category": run.category, "config": dataclasses.asdict(base_config), "run": dataclasses.asdict(run),

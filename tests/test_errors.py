@@ -281,7 +281,8 @@ def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tile
                "--checkpoint_dir", str(checkpoints), *SMALL]
     # A suite started in the background inherits SIGINT ignored, and so would train.py: give it the default back.
     with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=script_environment(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as train:
+                          env=script_environment(),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as train:
         for line in train.stdout:
             if line.startswith("[gray]"):
                 train.send_signal(signal.SIGINT)
