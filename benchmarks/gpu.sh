@@ -15,7 +15,8 @@ data=$(cd "${1:?$usage}" && pwd)
 category=${2:?$usage}
 weights=${3:?$usage}
 [ "$weights" = none ] || weights=$(realpath "$weights")
-out=$(mkdir -p "${4:-results/gpu}" && cd "${4:-results/gpu}" && pwd)
+out=${4:-results/gpu}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 device=${DEVICE:-cuda}
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)

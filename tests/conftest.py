@@ -29,6 +29,7 @@ SMALL = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--ima
 SMALL_CONFIG = dict(backbone="resnet18", weights="none", resize=72, image_size=64, coreset_ratio=0.1)
 
 TILES_COUNTS = {"train": 16, "good": 6, "blob": 6, "scratch": 6}
+NUM_TILES_TEST = TILES_COUNTS["good"] + TILES_COUNTS["blob"] + TILES_COUNTS["scratch"]
 GRAY_COUNTS = {"train": 8, "good": 3, "blob": 3}
 
 

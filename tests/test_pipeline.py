@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from baseline import reference_embedding
-from conftest import GRAY_COUNTS, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process, run_script
+from conftest import (GRAY_COUNTS, NUM_TILES_TEST, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process,
+                      run_script)
 from config import PatchCoreConfig
 from dataset import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, auto_workers, make_loader
 from patchcore import PatchCore, PatchEmbedding, anomaly_maps, read_checkpoint
 from search import NearestNeighbours
 
 CPU = torch.device("cpu")
-NUM_TILES_TEST = TILES_COUNTS["good"] + TILES_COUNTS["blob"] + TILES_COUNTS["scratch"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import TILES_COUNTS, Trained, run_script
-
-NUM_TEST = TILES_COUNTS["good"] + TILES_COUNTS["blob"] + TILES_COUNTS["scratch"]
+from conftest import NUM_TILES_TEST, Trained, run_script
 
 
 def test_throughput_times_the_stream_after_its_first_batch_and_scores_like_evaluate(trained_tiles: Trained,
@@ -16,8 +14,8 @@ def test_throughput_times_the_stream_after_its_first_batch_and_scores_like_evalu
     run = run_script("benchmarks/throughput.py", *common, "--passes", "3", "--batch_size", "4", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "throughput_tiles.json").read_text(encoding="utf-8"))
-    assert report["test_images"] == NUM_TEST and report["passes"] == 3
-    assert report["timed_images"] == 3 * NUM_TEST - 4  # every image of the stream but the first batch's
+    assert report["test_images"] == NUM_TILES_TEST and report["passes"] == 3
+    assert report["timed_images"] == 3 * NUM_TILES_TEST - 4  # every image of the stream but the first batch's
     assert report["images_per_s"] == report["timed_images"] / report["timed_s"] > 0
     assert "images/s end to end on cpu" in run.stdout
 
@@ -30,7 +28,7 @@ def test_throughput_times_the_stream_after_its_first_batch_and_scores_like_evalu
 def test_throughput_needs_a_stream_of_two_batches(trained_tiles: Trained, tmp_path: Path) -> None:
     run = run_script("benchmarks/throughput.py", "--checkpoint_dir", trained_tiles.checkpoint_dir, "--category",
                      "tiles", "--device", "cpu", "--results_dir", tmp_path, "--passes", "1", "--batch_size",
-                     str(NUM_TEST), cwd=tmp_path)
+                     str(NUM_TILES_TEST), cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "error: the timed stream needs more than one batch: raise --passes or lower --batch_size"]
