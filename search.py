@@ -36,19 +36,29 @@ class PrunedFlatIndex:
         self.levels: list[tuple[np.ndarray, faiss.IndexFlatL2]] = []
         if heads:
             self.mean, principal = _principal_axes(self.bank, max(heads))
-            centered, norms = self._centered(self.bank)
+            norms = self._centered_norms(self.bank)
             self.bank_norm = float(norms.max())
         for head in heads:
             axes_h = np.ascontiguousarray(principal[:, :head])
             index = faiss.IndexFlatL2(head + 1)
-            index.add(_bounds(centered, norms, axes_h))
+            index.add(self._bounds(self.bank, norms, axes_h))
             self.levels.append((axes_h, index))
         self.settled = [0] * (len(self.levels) + 1)
 
-    def _centered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of x around the bank's mean, and their squared norms in float64."""
-        centered = x - self.mean
-        return centered, np.einsum("ij,ij->i", centered, centered, dtype=np.float64)
+    def _centered_norms(self, x: np.ndarray) -> np.ndarray:
+        """Squared norms of the rows of x around the bank's mean, ||x||^2 - 2 x.mean + ||mean||^2 summed in float64
+        (exact enough to subtract), without a centred copy of x: at a batch's size that copy's page faults alone cost
+        more than the products."""
+        mean = self.mean.astype(np.float64)
+        return np.einsum("ij,ij->i", x, x, dtype=np.float64) - 2 * np.einsum("ij,j->i", x, mean) + mean @ mean
+
+    def _bounds(self, x: np.ndarray, norms: np.ndarray, axes: np.ndarray) -> np.ndarray:
+        """Rows of x around the bank's mean as (their first coordinates on ``axes``, the norm of the remaining ones),
+        from their centred squared norms ``norms``: points whose distances bound the rows' distances from below."""
+        axes_t = torch.from_numpy(axes)  # in torch's thread pool, the backbone's; numpy's BLAS threads spin against it
+        head = (torch.from_numpy(x) @ axes_t - torch.from_numpy(self.mean) @ axes_t).numpy()
+        tail = np.sqrt(np.maximum(norms - np.einsum("ij,ij->i", head, head, dtype=np.float64), 0))
+        return np.ascontiguousarray(np.hstack([head, tail[:, None].astype(np.float32)]))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (M, k) and bank indices (M, k) of each query's k nearest entries, nearest first."""
@@ -58,12 +68,11 @@ class PrunedFlatIndex:
         todo = np.arange(len(queries))
         candidates = self.candidates + k - 1  # k neighbours and as many spares as for k = 1
         if self.levels:
-            centered, norms = self._centered(queries)
+            norms = self._centered_norms(queries)
         for level, (axes, index) in enumerate(self.levels):
             every = len(todo) == len(queries)  # the first level takes them all: no copies
-            part = queries if every else queries[todo]
-            part_centered, part_norms = (centered, norms) if every else (centered[todo], norms[todo])
-            lower, nearest = index.search(_bounds(part_centered, part_norms, axes), candidates + 1)
+            part, part_norms = (queries, norms) if every else (queries[todo], norms[todo])
+            lower, nearest = index.search(self._bounds(part, part_norms, axes), candidates + 1)
             part_squared, part_indices = self._exact(part, nearest[:, :candidates], k)
             done = lower[:, candidates] >= part_squared[:, -1] + self.margin * (part_norms + self.bank_norm)
             squared[todo[done]], indices[todo[done]] = part_squared[done], part_indices[done]
@@ -100,14 +109,6 @@ def _principal_axes(bank: np.ndarray, count: int, sample_size: int = 16384,
         scatter += centered.T @ centered
     _, axes = np.linalg.eigh(scatter)  # ascending variance; orthonormal in float64
     return mean.astype(np.float32), np.ascontiguousarray(axes[:, ::-1][:, :count], dtype=np.float32)
-
-
-def _bounds(centered: np.ndarray, norms: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """Centered rows as (their first coordinates on ``axes``, the norm of the remaining ones), from their squared
-    norms ``norms``: points whose distances bound the rows' distances from below."""
-    head = centered @ axes
-    tail = np.sqrt(np.maximum(norms - np.einsum("ij,ij->i", head, head, dtype=np.float64), 0))
-    return np.ascontiguousarray(np.hstack([head, tail[:, None].astype(np.float32)]))
 
 
 def ivf_lists(bank_size: int) -> int:

@@ -34,9 +34,10 @@ def assert_same_neighbours(bank: np.ndarray, queries: np.ndarray, squared: np.nd
 
 
 @pytest.mark.parametrize("k", [1, 3, 20])
-def test_correlated_features_are_settled_by_the_bounds_with_the_exact_neighbours(k: int) -> None:
+@pytest.mark.parametrize("offset", [0.0, 10.0])  # 10: norms 10x those around the mean, which the bounds subtract
+def test_correlated_features_are_settled_by_the_bounds_with_the_exact_neighbours(k: int, offset: float) -> None:
     generator = np.random.default_rng(0)
-    bank, queries = correlated(3000, generator), correlated(400, generator)
+    bank, queries = correlated(3000, generator) + offset, correlated(400, generator) + offset
     index = PrunedFlatIndex(bank)
     squared, indices = index.search(queries, k)
     assert_same_neighbours(bank, queries, squared, indices, k)
@@ -74,3 +75,4 @@ def test_pruned_search_is_the_default_and_equals_flat_search() -> None:
     flat_distances, flat_indices = NearestNeighbours(bank, "flat").search(queries, 1)
     assert (indices == flat_indices).float().mean() > 0.99
     torch.testing.assert_close(distances, flat_distances, rtol=1e-4, atol=1e-4)
+
