@@ -12,6 +12,12 @@ import torch
 
 from config import cpu_has_native_bf16
 
+# faiss (1.15) computes flat-search distances pair by pair until queries x dimensions exceed 128,000 (125 queries at
+# 1024-d, 1,970 at the first level's 65): one image's 784 patches, or the few left for the full search, then took
+# 4-9x longer than as one matrix product on a 2-core EPYC. The product pays from about 20 queries on, faiss's old
+# threshold.
+faiss.cvar.distance_compute_blas_threshold = 20
+
 
 class PrunedFlatIndex:
     """Exact L2 k-NN: the neighbours of a flat index, with most of its arithmetic skipped.

@@ -76,3 +76,15 @@ def test_pruned_search_is_the_default_and_equals_flat_search() -> None:
     assert (indices == flat_indices).float().mean() > 0.99
     torch.testing.assert_close(distances, flat_distances, rtol=1e-4, atol=1e-4)
 
+
+def test_small_query_sets_take_the_matrix_product() -> None:
+    """search.py lowers faiss's BLAS threshold (a misspelt cvar would be a silent no-op). The matrix product computes
+    ||q||^2 - 2 q.b + ||b||^2, whose rounding leaves some distances of entries to themselves nonzero; pair by pair
+    they are all exactly 0."""
+    import faiss
+
+    bank = (np.random.default_rng(4).random((500, 256)) + 1).astype(np.float32)  # positive, as ReLU features
+    index = faiss.IndexFlatL2(256)
+    index.add(bank)
+    squared, _ = index.search(bank[:30], 1)  # 30 x 256 = 7,680: far below faiss's default threshold of 128,000
+    assert np.count_nonzero(squared) > 0
