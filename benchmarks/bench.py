@@ -3,7 +3,7 @@
     pip install timm   # the reference's backbones module imports it
     python benchmarks/bench.py --data_path ../shared/data/mvtec_ad --category bottle --backbone resnet50 \
         --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth --coreset_ratios 0.01 0.1 0.25 \
-        --timing_backbone wide_resnet50_2
+        --timing_backbone wide_resnet50_2 --precisions fp32 auto
 
 For each coreset ratio, the reference (../shared/anchors/run_official.py, in its own process, with its own loader
 defaults) and this project (in a fresh process, with its defaults) train on the category and then score its whole
@@ -12,7 +12,9 @@ report in-process stage times, compared like for like: training = feature extrac
 and coreset (with the bank's index); inference = scores and maps of every test image (decoding included). This
 project's training also sets thresholds from held-out images, work the reference does not do: it has its own
 column and is not in the ratio. --timing_backbone adds a row at the smallest ratio with that backbone's random
-weights on both sides (timing only: its AUROCs mean nothing). Results: results/benchmark.json and .md.
+weights on both sides (timing only: its AUROCs mean nothing). --precisions runs this project's side once per
+precision against the same reference run (which computes in fp32): fp32 is like for like, 'auto' this CPU's
+fast path (bf16 where the CPU has native bf16). Results: results/benchmark.json and .md.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 
 from atomic import atomic_write_text  # noqa: E402
-from config import EvalConfig, PatchCoreConfig, RunConfig, TrainConfig, add_arguments, from_arguments  # noqa: E402
+from config import (PRECISIONS, EvalConfig, PatchCoreConfig, RunConfig, TrainConfig, add_arguments,  # noqa: E402
+                    cpu_has_native_bf16, from_arguments)
 from dataset import MVTecDataset  # noqa: E402
 from evaluate import category_metrics, predict  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
@@ -135,24 +138,32 @@ def main() -> None:
     parser.add_argument("--coreset_ratios", type=float, nargs="+", default=[0.01, 0.1, 0.25])
     parser.add_argument("--timing_backbone", default=None, help="also time this backbone with random weights")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="the reference code's runner")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                        help="this project's side in each of these precisions against the same reference run "
+                             "(default: --precision alone); two that resolve alike on this device run once")
     args = parser.parse_args()
     run, base_config = from_arguments(EvalConfig, args), from_arguments(PatchCoreConfig, args)
     if not args.anchor.is_file():
         sys.exit(f"no reference runner at '{args.anchor}': pass --anchor")
+    device = run.resolved_device()
+    precisions = {dataclasses.replace(base_config, precision=p).resolved_precision(device): None
+                  for p in args.precisions or [base_config.precision]}
     settings = [(f"{base_config.backbone}, coreset {ratio}", dataclasses.replace(base_config, coreset_ratio=ratio))
                 for ratio in args.coreset_ratios]
     if args.timing_backbone:
         settings.append((f"{args.timing_backbone} (random weights), coreset {min(args.coreset_ratios)}",
                          dataclasses.replace(base_config, backbone=args.timing_backbone, weights="none",
                                              coreset_ratio=min(args.coreset_ratios))))
-    report = {"machine": machine(run.resolved_device()), "category": run.category,
+    report = {"machine": {**machine(device), "native_bf16": cpu_has_native_bf16()}, "category": run.category,
               "config": dataclasses.asdict(base_config), "run": dataclasses.asdict(run), "rows": {}}
     for name, config in settings:
         start = time.perf_counter()
         reference = anchor_job(args.anchor, run.data_path, run.category, config.coreset_ratio, config.backbone,
                                config.weights)
-        project = in_fresh_process(project_job, config, run, run.category)
-        report["rows"][name] = {"reference": reference, "project": project}
+        for precision in precisions:
+            project = in_fresh_process(project_job, dataclasses.replace(config, precision=precision), run,
+                                       run.category)
+            report["rows"][f"{name}, {precision}"] = {"reference": reference, "project": project}
         print(f"{name}: both sides in {time.perf_counter() - start:.0f} s (other processes' CPU during the "
               f"reference run: {reference['other_cpu_s']} s)", flush=True)
         table = markdown(report)  # after every row: a long run keeps what it measured

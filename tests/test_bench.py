@@ -1,0 +1,33 @@
+"""benchmarks/bench.py: one reference run per setting, this project's side once per precision against it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import SMALL, run_script
+
+# What ../shared/anchors/run_official.py prints last: its stage times, AUROCs and memory, as one JSON line.
+STUB_ANCHOR = """import json, sys
+open(sys.argv[0] + ".calls", "a").write(" ".join(sys.argv[1:]) + "\\n")
+print(json.dumps({"t_feature_extraction_s": 8.0, "t_coreset_s": 4.0, "t_test_inference_s": 6.0, "image_auroc": 0.5,
+                  "pixel_auroc": 0.5, "peak_rss_mb": 1024, "peak_rss_children_mb": 0, "other_cpu_s": 0}))
+"""
+
+
+def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path, tmp_path: Path) -> None:
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text(STUB_ANCHOR, encoding="utf-8")
+    small = [arg for arg in SMALL if arg != "--coreset_ratio" and arg != "0.1"]
+    run = run_script("benchmarks/bench.py", "--data_path", data_root, "--category", "tiles", "--device", "cpu",
+                     *small, "--coreset_ratios", "0.1", "--anchor", anchor, "--results_dir", tmp_path,
+                     "--precisions", "fp32", "bf16", "fp32", cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines() == [
+        f"{data_root} tiles 0.1 --backbone resnet18 --weights none"]
+    report = json.loads((tmp_path / "benchmark.json").read_text(encoding="utf-8"))
+    assert list(report["rows"]) == ["resnet18, coreset 0.1, fp32", "resnet18, coreset 0.1, bf16"]
+    for name, row in report["rows"].items():
+        assert row["project"]["precision"] == name.rsplit(", ", 1)[1]
+        assert row["reference"]["t_test_inference_s"] == 6.0
+    table = (tmp_path / "benchmark.md").read_text(encoding="utf-8").splitlines()
+    assert len(table) == 4 and table[2].startswith("| resnet18, coreset 0.1, fp32 | 8.0 + 4.0 s |")
