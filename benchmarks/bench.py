@@ -50,7 +50,8 @@ ANCHOR = ROOT.parent / "shared" / "anchors" / "run_official.py"
 def machine(device: torch.device) -> dict:
     """What the figures were measured on."""
     return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": multiprocessing.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(device), "torch": str(torch.__version__)}
+            "torch_threads": torch.get_num_threads(), "device": str(device), "torch": str(torch.__version__),
+            "native_bf16": cpu_has_native_bf16()}
 
 
 def in_fresh_process(job: Callable, *args) -> dict:
@@ -154,7 +155,7 @@ def main() -> None:
         settings.append((f"{args.timing_backbone} (random weights), coreset {min(args.coreset_ratios)}",
                          dataclasses.replace(base_config, backbone=args.timing_backbone, weights="none",
                                              coreset_ratio=min(args.coreset_ratios))))
-    report = {"machine": {**machine(device), "native_bf16": cpu_has_native_bf16()}, "category": run.category,
+    report = {"machine": machine(device), "category": run.category,
               "config": dataclasses.asdict(base_config), "run": dataclasses.asdict(run), "rows": {}}
     for name, config in settings:
         start = time.perf_counter()

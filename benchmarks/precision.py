@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from atomic import atomic_write_text  # noqa: E402
 from bench import in_fresh_process, machine, project_job  # noqa: E402
-from config import EvalConfig, PatchCoreConfig, add_arguments, cpu_has_native_bf16, from_arguments  # noqa: E402
+from config import EvalConfig, PatchCoreConfig, add_arguments, from_arguments  # noqa: E402
 
 VARIANTS = ("fp32:pruned", "bf16:pruned", "bf16:flat")
 AUROC_TOLERANCE = 0.002
@@ -62,7 +62,7 @@ def main() -> None:
     if args.variants[0] != VARIANTS[0]:
         parser.error(f"--variants: the first is the reference point, {VARIANTS[0]}")
     run, base_config = from_arguments(EvalConfig, args), from_arguments(PatchCoreConfig, args)
-    report = {"machine": {**machine(run.resolved_device()), "native_bf16": cpu_has_native_bf16()},
+    report = {"machine": machine(run.resolved_device()),
               "category": run.category, "config": dataclasses.asdict(base_config), "run": dataclasses.asdict(run),
               "rows": {}}
     stem = Path(run.results_dir) / f"precision_{run.category}"
