@@ -65,8 +65,9 @@ class PatchCoreConfig:
                                     "axes skip most distances), 'flat' (exact, every distance), or 'ivf' (faiss "
                                     "inverted file: approximate, for banks of 100k+ entries)", choices=SEARCHES)
     ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")
-    precision: str = _option("auto", "'fp32', 'bf16' (backbone under bf16 autocast; with --search flat on the CPU "
-                                     "also a bf16 k-NN candidate search re-ranked in fp32), 'fp16' (backbone under "
+    precision: str = _option("auto", "'fp32', 'bf16' (the backbone's layer2 and layer3 under bf16 autocast, its "
+                                     "stem and layer1 in fp32; with --search flat on the CPU also a bf16 k-NN "
+                                     "candidate search re-ranked in fp32), 'fp16' (backbone under "
                                      "fp16 autocast), or 'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 "
                                      "otherwise",
                                choices=PRECISIONS)

@@ -209,8 +209,7 @@ class PatchCore:
         group = max(1, CPU_PIXELS_PER_PASS // images[0, 0].numel()) if self.device.type == "cpu" else len(images)
         features = []
         for part in images.split(group):
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                maps = self.extractor(part)
+            maps = self.extractor(part, autocast=dtype)
             features.append(self.embedding([m.float() for m in maps]))
         return features[0] if len(features) == 1 else torch.cat(features)
 

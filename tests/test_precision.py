@@ -93,6 +93,21 @@ def test_unknown_precision_is_a_user_error() -> None:
         PatchCoreConfig(precision="int8").validate()
 
 
+@pytest.mark.parametrize("precision, first_stages, feature_layers", [
+    ("bf16", torch.float32, torch.bfloat16), ("fp16", torch.float16, torch.float16), ("fp32", torch.float32, torch.float32)])
+def test_bf16_keeps_the_stem_and_layer1_in_float32(precision: str, first_stages: torch.dtype,
+                                                    feature_layers: torch.dtype) -> None:
+    """bf16's rounding in the stem and layer1 moves the patch features most: those run in fp32, layer2 and layer3
+    under bf16 autocast. fp16, with 3 more mantissa bits, runs every stage reduced."""
+    model = PatchCore(PatchCoreConfig(**SMALL_CONFIG, precision=precision), CPU)
+    dtypes = {}
+    for name in ("conv1", "layer1", "layer2", "layer3"):
+        model.extractor.body[name].register_forward_hook(lambda _, __, out, name=name: dtypes.update({name: out.dtype}))
+    model.embed(torch.randn(2, 3, 64, 64))
+    assert dtypes == {"conv1": first_stages, "layer1": first_stages, "layer2": feature_layers,
+                      "layer3": feature_layers}
+
+
 def test_bf16_model_scores_like_the_float32_model(data_root: Path) -> None:
     """bf16 rounds to 2^-8 relative (0.4%): the patch features and, on the same bank, the scores and maps move by
     about that. Trained in bf16, the coreset's picks may differ (the greedy order amplifies tiny changes), but the
