@@ -1,4 +1,4 @@
-"""benchmarks/bench.py: one reference run per setting, this project's side once per precision against it."""
+"""The benchmarks: bench.py times each precision against one reference run; precision.py compares AUROCs."""
 from __future__ import annotations
 
 import json
@@ -31,3 +31,21 @@ def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path,
         assert row["reference"]["t_test_inference_s"] == 6.0
     table = (tmp_path / "benchmark.md").read_text(encoding="utf-8").splitlines()
     assert len(table) == 4 and table[2].startswith("| resnet18, coreset 0.1, fp32 | 8.0 + 4.0 s |")
+
+
+def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root: Path, tmp_path: Path) -> None:
+    """With --same_picks, fp32's own row on its own picks is the end-to-end fp32 run: the same bank, the same
+    AUROCs."""
+    small = [arg for arg in SMALL if arg != "--coreset_ratio" and arg != "0.1"]
+    run = run_script("benchmarks/precision.py", "--data_path", data_root, "--category", "tiles", "--device", "cpu",
+                     *small, "--coreset_ratios", "0.1", "--variants", "fp32:pruned", "bf16:pruned", "--same_picks",
+                     "--results_dir", tmp_path, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "precision_tiles.json").read_text(encoding="utf-8"))
+    fp32, bf16 = report["rows"]["0.1"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["same_picks"] == {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32["pixel_auroc"]}
+    assert set(bf16["same_picks"]) == {"image_auroc", "pixel_auroc"}
+    assert "largest AUROC change against fp32 on the same picks" in run.stdout
+    table = (tmp_path / "precision_tiles.md").read_text(encoding="utf-8").splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0.1 | fp32 | pruned |")
