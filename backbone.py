@@ -13,7 +13,7 @@ from config import UserError
 
 STEM = ("conv1", "bn1", "relu", "maxpool")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-FP32_UNDER_BF16 = STEM + ("layer1",)  # where bf16's rounding moves the patch features most (README: "bf16 against fp32")
+FP32_UNDER_BF16 = STEM + ("layer1",)  # where bf16 moves the patch features most (README: "bf16 against fp32")
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:

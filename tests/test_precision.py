@@ -94,7 +94,8 @@ def test_unknown_precision_is_a_user_error() -> None:
 
 
 @pytest.mark.parametrize("precision, first_stages, feature_layers", [
-    ("bf16", torch.float32, torch.bfloat16), ("fp16", torch.float16, torch.float16), ("fp32", torch.float32, torch.float32)])
+    ("bf16", torch.float32, torch.bfloat16), ("fp16", torch.float16, torch.float16),
+    ("fp32", torch.float32, torch.float32)])
 def test_bf16_keeps_the_stem_and_layer1_in_float32(precision: str, first_stages: torch.dtype,
                                                     feature_layers: torch.dtype) -> None:
     """bf16's rounding in the stem and layer1 moves the patch features most: those run in fp32, layer2 and layer3
