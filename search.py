@@ -122,17 +122,27 @@ def ivf_lists(bank_size: int) -> int:
     return max(1, min(round(4 * math.sqrt(bank_size)), bank_size // 39))
 
 
+def _bf16_with_columns(rows: torch.Tensor, columns: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``rows`` and then ``columns`` side by side in bf16, zero-padded to a multiple of ``block`` columns (the
+    depth of AMX's bf16 tiles): one product of such queries (-2q, 1, 1) and entries (b, the bf16 rounding of
+    ||b||² and its rest) is ||b||² - 2 q·b, the distance less ||q||², accumulated in fp32 and rounded once."""
+    width = rows.shape[1] + columns.shape[1]
+    padding = rows.new_zeros(len(rows), -width % block)
+    return torch.cat([rows, columns.to(rows.dtype), padding], 1).bfloat16()
+
+
 class NearestNeighbours:
     """The k nearest memory-bank entries of query patches, with float32 L2 distances.
 
     search 'pruned' (the default) is exact: ``PrunedFlatIndex`` on the CPU; on a GPU, where the flat search's matrix
     product is cheap, it runs as 'flat'. 'flat' is exact, every query against every entry. 'ivf' clusters the bank
     into ``ivf_lists(len(bank))`` lists (faiss k-means, seeded) and visits the ``probe`` lists nearest to each query:
-    approximate, much faster on big banks. ``bf16`` (flat only) ranks the bank with bfloat16 products, for CPUs and
-    GPUs with native bf16, then re-ranks the ``candidates`` best exactly in float32: the distances returned are those
-    of float32 search for the entry found, which is the exact nearest unless a true neighbour fell outside the
-    candidates (a CPU without bf16 units rounds the same way but multiplies in fp32, as fast as fp32 search). On a
-    GPU with faiss-gpu, a bank too big for one GPU is split across all of them (faiss sharding).
+    approximate, much faster on big banks. ``bf16`` (flat only) ranks the bank with one bfloat16 product per chunk
+    of queries, the entries' norms included, for CPUs and GPUs with native bf16, then re-ranks the ``candidates``
+    best exactly in float32: the distances returned are those of float32 search for the entry found, which is the
+    exact nearest unless a true neighbour fell outside the candidates (a CPU without bf16 units rounds the same way
+    but multiplies in fp32, as fast as fp32 search). On a GPU with faiss-gpu, a bank too big for one GPU is split
+    across all of them (faiss sharding).
     """
 
     def __init__(self, bank: torch.Tensor, search: str = "pruned", probe: int = 8, bf16: bool = False,
@@ -145,7 +155,10 @@ class NearestNeighbours:
             self.bank_norms = self.bank.square().sum(1)
             self.native_bf16 = on_gpu or cpu_has_native_bf16()
             if self.bf16:  # a CPU without bf16 units gets the same rounding, computed in fp32 at fp32 speed
-                self.bank_bf16 = self.bank.bfloat16() if self.native_bf16 else self.bank.bfloat16().float()
+                rounded_norms = self.bank_norms.bfloat16().float()
+                self.bank_bf16 = _bf16_with_columns(self.bank, torch.stack([rounded_norms,
+                                                                            self.bank_norms - rounded_norms], 1))
+                self.bank_bf16 = self.bank_bf16 if self.native_bf16 else self.bank_bf16.float()
             return
         if search == "pruned":
             self.index, self.on_index_device = PrunedFlatIndex(self.bank.numpy()), False
@@ -196,9 +209,9 @@ class NearestNeighbours:
                 values.append(best.values)
                 indices.append(best.indices)
                 continue
-            rounded = part.bfloat16() if self.native_bf16 else part.bfloat16().float()
-            ranked = (rounded @ self.bank_bf16.T).bfloat16().float().mul_(-2).add_(self.bank_norms)
-            candidates = ranked.topk(max(k, self.candidates), dim=1, largest=False).indices
+            rounded = _bf16_with_columns(part.mul(-2), torch.ones(len(part), 2, device=part.device))
+            products = rounded @ self.bank_bf16.T if self.native_bf16 else rounded.float() @ self.bank_bf16.T
+            candidates = products.bfloat16().topk(max(k, self.candidates), dim=1, largest=False).indices
             exact = (part[:, None] - self.bank[candidates]).square().sum(2)
             best = exact.topk(k, dim=1, largest=False)
             values.append(best.values)
