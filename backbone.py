@@ -72,8 +72,8 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
         """The maps of ``layers``; with ``autocast`` (fp16 or bf16), the stages run under that autocast, except, for
-        bf16, the stem and layer1: a quarter of ResNet-50's arithmetic, but in bf16 they move the patch features
-        four times as much as layer2 and layer3 do."""
+        bf16, the stem and layer1: a quarter of ResNet-50's arithmetic, but with them in bf16 too the patch features
+        move about four times as much."""
         maps, x = [], images
         for name, module in self.body.items():
             reduced = autocast is not None and not (autocast == torch.bfloat16 and name in FP32_UNDER_BF16)
