@@ -156,9 +156,9 @@ class NearestNeighbours:
             self.native_bf16 = on_gpu or cpu_has_native_bf16()
             if self.bf16:  # a CPU without bf16 units gets the same rounding, computed in fp32 at fp32 speed
                 rounded_norms = self.bank_norms.bfloat16().float()
-                self.bank_bf16 = _bf16_with_columns(self.bank, torch.stack([rounded_norms,
-                                                                            self.bank_norms - rounded_norms], 1))
-                self.bank_bf16 = self.bank_bf16 if self.native_bf16 else self.bank_bf16.float()
+                norm_columns = torch.stack([rounded_norms, self.bank_norms - rounded_norms], 1)
+                bank_bf16 = _bf16_with_columns(self.bank, norm_columns)
+                self.bank_bf16 = bank_bf16 if self.native_bf16 else bank_bf16.float()
             return
         if search == "pruned":
             self.index, self.on_index_device = PrunedFlatIndex(self.bank.numpy()), False
@@ -202,15 +202,15 @@ class NearestNeighbours:
         """Exact search in float32, or bf16 candidates re-ranked in float32, a chunk of queries at a time."""
         values, indices = [], []
         for part in queries.split(chunk):
-            query_norms = part.square().sum(1, keepdim=True)
             if not self.bf16:
-                ranked = torch.addmm(self.bank_norms, part, self.bank.T, alpha=-2).add_(query_norms)
+                ranked = torch.addmm(self.bank_norms, part, self.bank.T, alpha=-2)
+                ranked.add_(part.square().sum(1, keepdim=True))
                 best = ranked.topk(k, dim=1, largest=False)
                 values.append(best.values)
                 indices.append(best.indices)
                 continue
             rounded = _bf16_with_columns(part.mul(-2), torch.ones(len(part), 2, device=part.device))
-            products = rounded @ self.bank_bf16.T if self.native_bf16 else rounded.float() @ self.bank_bf16.T
+            products = (rounded if self.native_bf16 else rounded.float()) @ self.bank_bf16.T
             candidates = products.bfloat16().topk(max(k, self.candidates), dim=1, largest=False).indices
             exact = (part[:, None] - self.bank[candidates]).square().sum(2)
             best = exact.topk(k, dim=1, largest=False)

@@ -88,9 +88,11 @@ def _change(aurocs: dict, reference: dict) -> str:
 def largest_change(report: dict, key: str | None = None) -> float:
     """The largest AUROC change, image or pixel, of any reduced-precision run against its fp32 run; with ``key``
     'same_picks', on the same picks."""
-    pick = (lambda row: row) if key is None else (lambda row: row[key])
-    return max((abs(pick(r)[metric] - pick(rows[0])[metric]) for rows in report["rows"].values() for r in rows[1:]
-                for metric in ("image_auroc", "pixel_auroc")), default=0.0)
+    def aurocs(row: dict) -> dict:
+        return row if key is None else row[key]
+
+    return max((abs(aurocs(r)[metric] - aurocs(rows[0])[metric]) for rows in report["rows"].values()
+                for r in rows[1:] for metric in ("image_auroc", "pixel_auroc")), default=0.0)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from conftest import SMALL, run_script
 
+SMALL_WITHOUT_RATIO = [arg for arg in SMALL if arg not in ("--coreset_ratio", "0.1")]  # --coreset_ratios instead
+
 # What ../shared/anchors/run_official.py prints last: its stage times, AUROCs and memory, as one JSON line.
 STUB_ANCHOR = """import json, sys
 open(sys.argv[0] + ".calls", "a").write(" ".join(sys.argv[1:]) + "\\n")
@@ -17,9 +19,8 @@ print(json.dumps({"t_feature_extraction_s": 8.0, "t_coreset_s": 4.0, "t_test_inf
 def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path, tmp_path: Path) -> None:
     anchor = tmp_path / "anchor.py"
     anchor.write_text(STUB_ANCHOR, encoding="utf-8")
-    small = [arg for arg in SMALL if arg != "--coreset_ratio" and arg != "0.1"]
     run = run_script("benchmarks/bench.py", "--data_path", data_root, "--category", "tiles", "--device", "cpu",
-                     *small, "--coreset_ratios", "0.1", "--anchor", anchor, "--results_dir", tmp_path,
+                     *SMALL_WITHOUT_RATIO, "--coreset_ratios", "0.1", "--anchor", anchor, "--results_dir", tmp_path,
                      "--precisions", "fp32", "bf16", "fp32", cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines() == [
@@ -36,10 +37,9 @@ def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path,
 def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root: Path, tmp_path: Path) -> None:
     """With --same_picks, fp32's own row on its own picks is the end-to-end fp32 run: the same bank, the same
     AUROCs."""
-    small = [arg for arg in SMALL if arg != "--coreset_ratio" and arg != "0.1"]
     run = run_script("benchmarks/precision.py", "--data_path", data_root, "--category", "tiles", "--device", "cpu",
-                     *small, "--coreset_ratios", "0.1", "--variants", "fp32:pruned", "bf16:pruned", "--same_picks",
-                     "--results_dir", tmp_path, cwd=tmp_path, timeout=300)
+                     *SMALL_WITHOUT_RATIO, "--coreset_ratios", "0.1", "--variants", "fp32:pruned", "bf16:pruned",
+                     "--same_picks", "--results_dir", tmp_path, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "precision_tiles.json").read_text(encoding="utf-8"))
     fp32, bf16 = report["rows"]["0.1"]
