@@ -1,6 +1,7 @@
 """Nearest-neighbour search of patch features in a memory bank: exact search that prunes with lower bounds (the
-default), exact flat search (faiss, on the GPU with faiss-gpu, or torch), an inverted-file index for big banks, and a
-bf16 candidate search with an exact float32 re-rank."""
+default where bf16 is not native), exact flat search (faiss, on the GPU with faiss-gpu, or torch), an inverted-file
+index for big banks, and a bf16 candidate search with an exact float32 re-rank (the default on CPUs with native
+bf16)."""
 from __future__ import annotations
 
 import math
@@ -79,26 +80,28 @@ class PrunedFlatIndex:
             every = len(todo) == len(queries)  # the first level takes them all: no copies
             part, part_norms = (queries, norms) if every else (queries[todo], norms[todo])
             lower, nearest = index.search(self._bounds(part, part_norms, axes), candidates + 1)
-            part_squared, part_indices = self._exact(part, nearest[:, :candidates], k)
+            part_squared, part_indices = _exact_among(self.bank, part, nearest[:, :candidates], k)
             done = lower[:, candidates] >= part_squared[:, -1] + self.margin * (part_norms + self.bank_norm)
             squared[todo[done]], indices[todo[done]] = part_squared[done], part_indices[done]
             self.settled[level] += int(done.sum())
             todo = todo[~done]
         if len(todo):
             _, nearest = faiss.knn(queries[todo], self.bank, k)  # a flat search without an index's copy of the bank
-            squared[todo], indices[todo] = self._exact(queries[todo], nearest, k)
+            squared[todo], indices[todo] = _exact_among(self.bank, queries[todo], nearest, k)
         self.settled[-1] += len(todo)
         return squared, indices
 
-    def _exact(self, queries: np.ndarray, subsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest of each query's own subset of bank rows, by direct squared distances (faiss)."""
-        subsets = np.ascontiguousarray(subsets, dtype=np.int64)
-        rows, width = subsets.shape
-        squared, indices = np.empty((rows, k), np.float32), np.empty((rows, k), np.int64)
-        faiss.knn_L2sqr_by_idx(faiss.swig_ptr(queries), faiss.swig_ptr(self.bank), faiss.swig_ptr(subsets),
-                               queries.shape[1], rows, len(self.bank), width, k, faiss.swig_ptr(squared),
-                               faiss.swig_ptr(indices), width)  # an explicit row stride: -1 misreads the rows
-        return squared, indices
+
+def _exact_among(bank: np.ndarray, queries: np.ndarray, subsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of each query's own subset of bank rows, by direct float32 squared distances (faiss: an
+    indexed gather that costs a twentieth of torch's gather and subtraction)."""
+    subsets = np.ascontiguousarray(subsets, dtype=np.int64)
+    rows, width = subsets.shape
+    squared, indices = np.empty((rows, k), np.float32), np.empty((rows, k), np.int64)
+    faiss.knn_L2sqr_by_idx(faiss.swig_ptr(queries), faiss.swig_ptr(bank), faiss.swig_ptr(subsets), queries.shape[1],
+                           rows, len(bank), width, k, faiss.swig_ptr(squared), faiss.swig_ptr(indices),
+                           width)  # an explicit row stride: -1 misreads the rows
+    return squared, indices
 
 
 def _principal_axes(bank: np.ndarray, count: int, sample_size: int = 16384,
@@ -146,7 +149,7 @@ class NearestNeighbours:
     """
 
     def __init__(self, bank: torch.Tensor, search: str = "pruned", probe: int = 8, bf16: bool = False,
-                 candidates: int = 8):
+                 candidates: int = 16):
         self.bank = bank.float().contiguous()
         self.bf16, self.candidates, self.index = bf16 and search == "flat", candidates, None
         dim, on_gpu = self.bank.shape[1], self.bank.device.type == "cuda"
@@ -186,8 +189,8 @@ class NearestNeighbours:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (M, k) and bank indices (M, k) of each query's k nearest bank entries, on the queries'
-        device."""
-        queries = queries.float().contiguous()
+        device; k is at most the bank's size."""
+        queries, k = queries.float().contiguous(), min(k, len(self.bank))
         if self.index is None:
             squared, indices = self._torch_search(queries, k)
         elif isinstance(self.index, PrunedFlatIndex):
@@ -198,22 +201,34 @@ class NearestNeighbours:
             squared, indices = (t.to(queries.device) for t in self.index.search(queries.cpu(), k))
         return squared.clamp_min(0).sqrt(), indices
 
-    def _torch_search(self, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact search in float32, or bf16 candidates re-ranked in float32, a chunk of queries at a time."""
+    def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search in float32, or bf16 candidates re-ranked in float32, a chunk of queries at a time: about
+        2^27 distances per chunk (4,096 queries up to a bank of 32k entries), so a big bank's temporaries stay
+        bounded."""
         values, indices = [], []
-        for part in queries.split(chunk):
-            if not self.bf16:
+        for part in queries.split(max(1, min(4096, 2 ** 27 // len(self.bank)))):
+            if self.bf16:
+                squared, nearest = self._rerank(part, self._bf16_candidates(part, k), k)
+            else:
                 ranked = torch.addmm(self.bank_norms, part, self.bank.T, alpha=-2)
                 ranked.add_(part.square().sum(1, keepdim=True))
-                best = ranked.topk(k, dim=1, largest=False)
-                values.append(best.values)
-                indices.append(best.indices)
-                continue
-            rounded = _bf16_with_columns(part.mul(-2), torch.ones(len(part), 2, device=part.device))
-            products = (rounded if self.native_bf16 else rounded.float()) @ self.bank_bf16.T
-            candidates = products.bfloat16().topk(max(k, self.candidates), dim=1, largest=False).indices
-            exact = (part[:, None] - self.bank[candidates]).square().sum(2)
-            best = exact.topk(k, dim=1, largest=False)
-            values.append(best.values)
-            indices.append(candidates.gather(1, best.indices))
+                squared, nearest = ranked.topk(k, dim=1, largest=False)
+            values.append(squared)
+            indices.append(nearest)
         return torch.cat(values), torch.cat(indices)
+
+    def _bf16_candidates(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Bank indices (M, max(k, candidates)) of the entries nearest to each query by one bf16 product."""
+        rounded = _bf16_with_columns(queries.mul(-2), torch.ones(len(queries), 2, device=queries.device))
+        products = (rounded if self.native_bf16 else rounded.float()) @ self.bank_bf16.T
+        return products.bfloat16().topk(min(len(self.bank), max(k, self.candidates)), dim=1,
+                                        largest=False).indices
+
+    def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances and bank indices of the k nearest of each query's candidates, computed directly in
+        float32."""
+        if queries.is_cuda:
+            best = (queries[:, None] - self.bank[candidates]).square().sum(2).topk(k, dim=1, largest=False)
+            return best.values, candidates.gather(1, best.indices)
+        squared, nearest = _exact_among(self.bank.numpy(), queries.numpy(), candidates.numpy(), k)
+        return torch.from_numpy(squared), torch.from_numpy(nearest)

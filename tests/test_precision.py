@@ -35,7 +35,9 @@ def exact_search(bank: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tenso
 def test_bf16_search_returns_float32_exact_distances_of_the_nearest_entry() -> None:
     bank, queries = clustered(3000, 64, 0), clustered(500, 64, 1)
     want_distances, want_indices = exact_search(bank, queries)
-    distances, indices = NearestNeighbours(bank, bf16=True).search(queries, 1)
+    neighbours = NearestNeighbours(bank, "flat", bf16=True)
+    assert neighbours.bf16 and neighbours.index is None
+    distances, indices = neighbours.search(queries, 1)
     found = indices[:, 0]
     # The distance reported is the exact one of the entry returned ...
     torch.testing.assert_close(distances[:, 0].double(), (queries.double() - bank[found].double()).norm(dim=1),
@@ -52,14 +54,15 @@ def test_bf16_search_without_bf16_units_rounds_as_bf16_products_do(monkeypatch) 
     found = {}
     for native in (True, False):
         monkeypatch.setattr("search.cpu_has_native_bf16", lambda native=native: native)
-        found[native] = NearestNeighbours(bank, bf16=True).search(queries, 1)
+        found[native] = NearestNeighbours(bank, "flat", bf16=True).search(queries, 1)
     assert (found[True][1] == found[False][1]).float().mean() >= 0.99
     torch.testing.assert_close(found[True][0], found[False][0], rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_search_with_every_entry_a_candidate_is_exact() -> None:
-    bank, queries = clustered(40, 16, 2), clustered(30, 16, 3)
-    distances, indices = NearestNeighbours(bank, bf16=True, candidates=40).search(queries, 3)
+@pytest.mark.parametrize("entries, candidates", [(40, 40), (10, 16)])  # a bank smaller than the candidates too
+def test_bf16_search_with_every_entry_a_candidate_is_exact(entries: int, candidates: int) -> None:
+    bank, queries = clustered(entries, 16, 2), clustered(30, 16, 3)
+    distances, indices = NearestNeighbours(bank, "flat", bf16=True, candidates=candidates).search(queries, 3)
     want = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False)
     assert torch.equal(indices, want.indices)
     torch.testing.assert_close(distances.double(), want.values, rtol=1e-5, atol=1e-5)
@@ -109,7 +112,8 @@ def test_bf16_keeps_the_stem_and_layer1_in_float32(precision: str, first_stages:
                       "layer3": feature_layers}
 
 
-def test_bf16_model_scores_like_the_float32_model(data_root: Path) -> None:
+@pytest.mark.parametrize("search", ["pruned", "flat"])  # flat: the bf16 k-NN candidates too
+def test_bf16_model_scores_like_the_float32_model(data_root: Path, search: str) -> None:
     """bf16 rounds to 2^-8 relative (0.4%): the patch features and, on the same bank, the scores and maps move by
     about that. Trained in bf16, the coreset's picks may differ (the greedy order amplifies tiny changes), but the
     ranking of the synthetic test images does not."""
@@ -118,7 +122,7 @@ def test_bf16_model_scores_like_the_float32_model(data_root: Path) -> None:
     test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
     batch = next(iter(make_loader(test, len(test), 0, CPU)))
     fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
-    bf16 = PatchCore(dataclasses.replace(config, precision="bf16"), CPU, extractor=fp32.extractor)
+    bf16 = PatchCore(dataclasses.replace(config, precision="bf16", search=search), CPU, extractor=fp32.extractor)
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
     features32, features16 = fp32.embed(batch["image"]), bf16.embed(batch["image"])
     assert float(((features16 - features32).norm(dim=-1) / features32.norm(dim=-1)).max()) < 0.01
