@@ -16,7 +16,7 @@ DATA_PATH_ENV = "MVTEC_AD_PATH"
 DEFAULT_DATA_PATH = "data/mvtec_ad"
 CORESET_MODES = ("auto", "exact", "sharded")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SEARCHES = ("pruned", "flat", "ivf")
+SEARCHES = ("auto", "pruned", "flat", "ivf")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
 
 
@@ -61,15 +61,17 @@ class PatchCoreConfig:
                                    "(sharded above that size)", choices=CORESET_MODES)
     coreset_shard_size: int = _option(4_000_000, "training patches above which 'auto' shards the coreset (about 5,100 "
                                                  "images at 224 px)")
-    search: str = _option("pruned", "nearest-neighbour search: 'pruned' (exact; lower bounds on the bank's principal "
-                                    "axes skip most distances), 'flat' (exact, every distance), or 'ivf' (faiss "
-                                    "inverted file: approximate, for banks of 100k+ entries)", choices=SEARCHES)
+    search: str = _option("auto", "nearest-neighbour search: 'pruned' (exact; lower bounds on the bank's principal "
+                                  "axes skip most distances), 'flat' (exact, every distance; under bf16, bf16 "
+                                  "candidates re-ranked in fp32), 'ivf' (faiss inverted file: approximate, for banks "
+                                  "of 100k+ entries), or 'auto': 'flat' where bf16 runs on a CPU with native bf16 "
+                                  "(faster there than 'pruned', not always the exact neighbour), 'pruned' elsewhere",
+                          choices=SEARCHES)
     ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")
     precision: str = _option("auto", "'fp32', 'bf16' (the backbone's layer2 and layer3 under bf16 autocast, its "
-                                     "stem and layer1 in fp32; with --search flat on the CPU also a bf16 k-NN "
-                                     "candidate search re-ranked in fp32), 'fp16' (backbone under "
-                                     "fp16 autocast), or 'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 "
-                                     "otherwise",
+                                     "stem and layer1 in fp32; with --search flat also a bf16 k-NN candidate "
+                                     "search re-ranked in fp32), 'fp16' (backbone under fp16 autocast), or "
+                                     "'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise",
                                choices=PRECISIONS)
 
     def validate(self) -> None:
@@ -108,6 +110,15 @@ class PatchCoreConfig:
         if device.type == "cuda":
             return "fp16"
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+    def resolved_search(self, device: torch.device) -> str:
+        """The search 'auto' stands for on ``device``: 'flat' (bf16 candidates, re-ranked in fp32) where the
+        precision resolves to bf16 on a CPU with native bf16, else the exact 'pruned': on an AMX CPU, one bf16 product
+        ranks a bank faster than the pruned search's bounds do (README, "Speed" and "Large data")."""
+        if self.search != "auto":
+            return self.search
+        native = device.type == "cpu" and cpu_has_native_bf16()
+        return "flat" if native and self.resolved_precision(device) == "bf16" else "pruned"
 
 
 def cpu_has_native_bf16() -> bool:

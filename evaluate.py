@@ -157,9 +157,10 @@ def evaluate(run: EvalConfig) -> dict:
             threshold = result["pixel_threshold"] if result["pixel_threshold"] is not None else result["image_threshold"]
             result["maps_written"] = write_maps(p, results_dir / category / "maps", run.max_maps, threshold)
         result.update(checkpoint=str(path), config=dataclasses.asdict(model.config),
-                      resolved_precision=model.precision,
+                      resolved_precision=model.precision, resolved_search=model.search,
                       trained={key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings",
-                                                                     "created", "device", "resolved_precision")})
+                                                                     "created", "device", "resolved_precision",
+                                                                     "resolved_search")})
         results[category] = result
         atomic_write_text(results_dir / category / "metrics.json", json.dumps(result, indent=2) + "\n")
         curves[category] = (p.labels, p.scores, result["image_threshold"], result["stored_threshold"])

@@ -185,7 +185,7 @@ class PatchCore:
     def __init__(self, config: PatchCoreConfig, device: torch.device, extractor: FeatureExtractor | None = None):
         config.validate()
         self.config, self.device = config, device
-        self.precision = config.resolved_precision(device)
+        self.precision, self.search = config.resolved_precision(device), config.resolved_search(device)
         if self.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
             print("note: this CPU has no native bf16: the backbone runs far slower in bf16 than in fp32",
                   file=sys.stderr)
@@ -294,7 +294,7 @@ class PatchCore:
         return {"image_scores": scores, "map_maxima": maxima}
 
     def _neighbours(self, bank: torch.Tensor) -> NearestNeighbours:
-        return NearestNeighbours(bank, self.config.search, self.config.ivf_probe, bf16=self.precision == "bf16")
+        return NearestNeighbours(bank, self.search, self.config.ivf_probe, bf16=self.precision == "bf16")
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.to(self.device).float()
@@ -376,6 +376,7 @@ class PatchCore:
             "memory_bank": self.memory_bank.cpu(),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "resolved_precision": self.precision,
+            "resolved_search": self.search,
             "weights_digest": self.extractor.weights_digest,
             "backbone_state": self.extractor.weights_state,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -82,8 +82,8 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
     datasets = {c: MVTecDataset(data_path, c, "train", model_config.resize, model_config.image_size) for c in categories}
     model = PatchCore(model_config, device)
     digest = model.extractor.weights_digest
-    print(f"{model_config.backbone} ({model_config.weights}) on {device} in {model.precision}; {len(categories)} "
-          f"categories in {data_path}")
+    print(f"{model_config.backbone} ({model_config.weights}) on {device} in {model.precision}, {model.search} search; "
+          f"{len(categories)} categories in {data_path}")
     trained, skipped, start = [], [], time.perf_counter()
     for category, dataset in datasets.items():
         path = checkpoint_path(run.checkpoint_dir, category)

@@ -91,7 +91,7 @@ def project_job(config: PatchCoreConfig, run: EvalConfig, category: str) -> dict
     return {"features_s": timings["features_s"], "coreset_s": timings["coreset_s"],
             "calibration_s": timings["calibration_s"], "inference_s": predictions.seconds, "test_images": len(test),
             "memory_bank": timings["memory_bank_size"], "image_auroc": metrics["image_auroc"],
-            "pixel_auroc": metrics["pixel_auroc"], "precision": model.precision, "search": config.search,
+            "pixel_auroc": metrics["pixel_auroc"], "precision": model.precision, "search": model.search,
             "settled": getattr(model.neighbours.index, "settled", None),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 

@@ -68,7 +68,7 @@ def main() -> None:
     report = {"machine": {**machine(device), "device_name": torch.cuda.get_device_name(device)
                           if device.type == "cuda" else "cpu"},
               "category": run.category, "run": dataclasses.asdict(run), "config": dataclasses.asdict(model.config),
-              "precision": model.precision, "memory_bank": len(model.memory_bank),
+              "precision": model.precision, "search": model.search, "memory_bank": len(model.memory_bank),
               "loader_workers": auto_workers(device) if run.num_workers < 0 else run.num_workers,
               "test_images": len(dataset), "warm_up_s": warm_up.seconds, "image_auroc": metrics["image_auroc"],
               "pixel_auroc": metrics["pixel_auroc"], "passes": args.passes,
@@ -77,7 +77,7 @@ def main() -> None:
     path = Path(run.results_dir) / f"throughput_{run.category}.json"
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     print(f"[{run.category}] {report['images_per_s']:.1f} images/s end to end on {report['machine']['device_name']}"
-          f" ({report['timed_images']} images in {report['timed_s']:.2f} s, {model.precision}, batch "
+          f" ({report['timed_images']} images in {report['timed_s']:.2f} s, {model.precision}, {model.search} search, batch "
           f"{run.batch_size}, {report['loader_workers']} decoding workers; warm-up pass {warm_up.seconds:.2f} s, "
           f"image AUROC {metrics['image_auroc']:.4f}, pixel AUROC {pixel}) -> {path}")
 

@@ -91,6 +91,18 @@ def test_precision_resolution(device: str, native_bf16: bool, precision: str, wa
     assert PatchCoreConfig(precision=precision).resolved_precision(torch.device(device)) == want
 
 
+@pytest.mark.parametrize("device, native_bf16, precision, search, want", [
+    ("cpu", True, "auto", "auto", "flat"), ("cpu", True, "bf16", "auto", "flat"), ("cpu", True, "fp32", "auto", "pruned"),
+    ("cpu", False, "auto", "auto", "pruned"), ("cpu", False, "bf16", "auto", "pruned"),
+    ("cuda", True, "bf16", "auto", "pruned"), ("cpu", True, "auto", "pruned", "pruned"),
+    ("cpu", False, "fp32", "ivf", "ivf")])
+def test_search_resolution(device: str, native_bf16: bool, precision: str, search: str, want: str,
+                           monkeypatch) -> None:
+    """'auto' takes the bf16 candidates only where bf16 runs natively on the CPU; an explicit search stays."""
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert PatchCoreConfig(precision=precision, search=search).resolved_search(torch.device(device)) == want
+
+
 def test_unknown_precision_is_a_user_error() -> None:
     with pytest.raises(UserError, match="--precision takes one of auto, fp32, bf16, fp16, got 'int8'"):
         PatchCoreConfig(precision="int8").validate()
@@ -112,7 +124,7 @@ def test_bf16_keeps_the_stem_and_layer1_in_float32(precision: str, first_stages:
                       "layer3": feature_layers}
 
 
-@pytest.mark.parametrize("search", ["pruned", "flat"])  # flat: the bf16 k-NN candidates too
+@pytest.mark.parametrize("search", ["pruned", "flat"])  # flat: the bf16 k-NN candidates too ('auto' on AMX)
 def test_bf16_model_scores_like_the_float32_model(data_root: Path, search: str) -> None:
     """bf16 rounds to 2^-8 relative (0.4%): the patch features and, on the same bank, the scores and maps move by
     about that. Trained in bf16, the coreset's picks may differ (the greedy order amplifies tiny changes), but the
@@ -140,12 +152,15 @@ def test_precision_flag_is_stored_in_the_checkpoint_and_the_summary(data_root: P
     trained = run_in_process("train.py", "--data_path", data_root, "--category", "gray", *SMALL, "--precision",
                              "bf16", "--checkpoint_dir", tmp_path / "checkpoints", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    assert "on cpu in bf16" in trained.stdout
+    search = PatchCoreConfig(precision="bf16").resolved_search(CPU)  # flat on CPUs with native bf16, else pruned
+    assert f"on cpu in bf16, {search} search" in trained.stdout
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "gray.pt")
     assert checkpoint["resolved_precision"] == checkpoint["config"]["precision"] == "bf16"
+    assert checkpoint["resolved_search"] == search and checkpoint["config"]["search"] == "auto"
     evaluated = run_in_process("evaluate.py", "--checkpoint_dir", tmp_path / "checkpoints", "--results_dir",
                                tmp_path / "results", "--no_plots", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())["categories"]["gray"]
     assert summary["resolved_precision"] == summary["trained"]["resolved_precision"] == "bf16"
+    assert summary["resolved_search"] == summary["trained"]["resolved_search"] == search
     assert summary["config"]["precision"] == "bf16"
