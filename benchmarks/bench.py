@@ -164,7 +164,8 @@ def main() -> None:
         for precision in precisions:
             project = in_fresh_process(project_job, dataclasses.replace(config, precision=precision), run,
                                        run.category)
-            report["rows"][f"{name}, {precision}"] = {"reference": reference, "project": project}
+            report["rows"][f"{name}, {precision}, {project['search']} search"] = {"reference": reference,
+                                                                                 "project": project}
         print(f"{name}: both sides in {time.perf_counter() - start:.0f} s (other processes' CPU during the "
               f"reference run: {reference['other_cpu_s']} s)", flush=True)
         table = markdown(report)  # after every row: a long run keeps what it measured

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from config import PatchCoreConfig
 from conftest import SMALL, run_script
 
 SMALL_WITHOUT_RATIO = [arg for arg in SMALL if arg not in ("--coreset_ratio", "0.1")]  # --coreset_ratios instead
@@ -26,12 +29,14 @@ def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path,
     assert (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines() == [
         f"{data_root} tiles 0.1 --backbone resnet18 --weights none"]
     report = json.loads((tmp_path / "benchmark.json").read_text(encoding="utf-8"))
-    assert list(report["rows"]) == ["resnet18, coreset 0.1, fp32", "resnet18, coreset 0.1, bf16"]
+    bf16_search = PatchCoreConfig(precision="bf16").resolved_search(torch.device("cpu"))  # flat where bf16 is native
+    assert list(report["rows"]) == ["resnet18, coreset 0.1, fp32, pruned search",
+                                    f"resnet18, coreset 0.1, bf16, {bf16_search} search"]
     for name, row in report["rows"].items():
-        assert row["project"]["precision"] == name.rsplit(", ", 1)[1]
+        assert name.endswith(f", {row['project']['precision']}, {row['project']['search']} search")
         assert row["reference"]["t_test_inference_s"] == 6.0
     table = (tmp_path / "benchmark.md").read_text(encoding="utf-8").splitlines()
-    assert len(table) == 4 and table[2].startswith("| resnet18, coreset 0.1, fp32 | 8.0 + 4.0 s |")
+    assert len(table) == 4 and table[2].startswith("| resnet18, coreset 0.1, fp32, pruned search | 8.0 + 4.0 s |")
 
 
 def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root: Path, tmp_path: Path) -> None:
