@@ -203,10 +203,11 @@ class NearestNeighbours:
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact search in float32, or bf16 candidates re-ranked in float32, a chunk of queries at a time: about
-        2^27 distances per chunk (4,096 queries up to a bank of 32k entries), so a big bank's temporaries stay
-        bounded."""
+        2^25 distances per chunk (2,048 queries against 16k entries: 64 MiB of bf16 products), so the temporaries
+        stay small whatever the bank's size (on bottle's banks, smaller chunks ran as fast or faster; on a 100k
+        bank, chunks four times larger were 10% faster)."""
         values, indices = [], []
-        for part in queries.split(max(1, min(4096, 2 ** 27 // len(self.bank)))):
+        for part in queries.split(max(1, min(4096, 2 ** 25 // len(self.bank)))):
             if self.bf16:
                 squared, nearest = self._rerank(part, self._bf16_candidates(part, k), k)
             else:
