@@ -1,17 +1,16 @@
-"""Large-data benchmark: training time and memory against the number of training images, for this version and an
-earlier one side by side, and the inverted-file search against exact search on a bank of 100k+ entries.
+"""Large-data benchmark: training time and memory against the number of training images, for this project and the
+paper authors' reference code side by side, and the searches on a bank of 100k+ entries.
 
-    git worktree add /tmp/before 801ccc3   # the version to compare with (one-pick-at-a-time coreset, all in memory)
     python benchmarks/scale.py --data_path ../shared/data --category magnetic_tile --backbone resnet50 \
         --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth --coreset_ratio 0.01 --sizes 200 800 3000 \
-        --before /tmp/before
+        --anchor_sizes 200 800
 
 The big set is the category's train/good with a horizontal flip, a vertical flip and a 90-degree rotation of
 every image (4x as many distinct images), written to a temporary folder; a size is a seeded sample of it, linked
 into a folder of its own. Each training is a whole `train.py` process (features, coreset, thresholds) with default
-flags but the ones above; its peak RSS is its own. The earlier version's coreset on sets above --exact_limit
-patches is run at --exact_ratio and its coreset and calibration seconds scaled to the full ratio (one pick costs
-the same all along there); such figures are marked '~'. Results go to results/scale.json and results/scale.md.
+flags but the ones above; its peak RSS is its own. The reference runs through its runner (bench.py's anchor) on the
+same sample, at the sizes of --anchor_sizes, in-process stage times against this project's; its peak RSS counts its
+loader workers too. Results go to results/scale.json and results/scale.md.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from atomic import atomic_write_text  # noqa: E402
-from bench import in_fresh_process, machine, settled_share  # noqa: E402
+from bench import ANCHOR, anchor_job, in_fresh_process, machine, settled_share  # noqa: E402
 from config import EvalConfig, PatchCoreConfig, RunConfig, TrainConfig, add_arguments, from_arguments  # noqa: E402
 from dataset import GOOD, MVTecDataset, images_in, make_loader  # noqa: E402
 from metrics import image_auroc, pixel_auroc  # noqa: E402
@@ -71,13 +70,17 @@ def sample(dataset: MVTecDataset, count: int, seed: int, by_label: bool = False)
 
 
 def sample_folder(root: Path, category: str, size: int) -> Path:
-    """A data root whose train/good holds a seeded sample of ``size`` big-set images (symbolic links)."""
+    """A data root whose train/good holds a seeded sample of ``size`` big-set images (symbolic links), with the test
+    split as it is (the reference runner scores it)."""
     images = images_in(root / "big" / category / "train" / GOOD)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     target = root / f"sample_{size}" / category / "train" / GOOD
     target.mkdir(parents=True)
     for i in sorted(order[:size].tolist()):
         (target / images[i].name).symlink_to(images[i])
+    for folder in ("test", "ground_truth"):
+        if (root / "big" / category / folder).exists():
+            (target.parents[1] / folder).symlink_to((root / "big" / category / folder).resolve())
     return target.parents[2]
 
 
@@ -92,24 +95,29 @@ finally:
 """
 
 
-def train_process(code: Path, data_path: Path, category: str, flags: list[str], ratio: float,
-                  full_ratio: float) -> dict:
-    """One train.py run of the project at ``code``: its stage seconds (coreset and calibration scaled from
-    ``ratio`` to ``full_ratio``) and peak RSS."""
+def train_process(data_path: Path, category: str, flags: list[str], ratio: float) -> dict:
+    """One train.py run of this project: its stage seconds and peak RSS."""
     with tempfile.TemporaryDirectory() as checkpoints:
-        command = [sys.executable, "-c", MEASURE, str(code / "train.py"), "--data_path", str(data_path),
+        command = [sys.executable, "-c", MEASURE, str(ROOT / "train.py"), "--data_path", str(data_path),
                    "--category", category, "--checkpoint_dir", checkpoints, *flags, "--coreset_ratio", str(ratio)]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=code)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
-        sys.exit(f"train.py of {code} failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"train.py failed:\n{result.stderr[-3000:]}")
     bank, patches, features_s, coreset_s, calibration_s = TRAINED.search(result.stdout).groups()
-    patches = int(patches.replace(",", ""))
-    scale = max(1, int(patches * full_ratio)) / int(bank.replace(",", ""))
-    return {"patches": patches, "features_s": float(features_s), "coreset_s": float(coreset_s) * scale,
-            "calibration_s": float(calibration_s) * scale, "scaled_from_ratio": ratio if ratio != full_ratio else None,
-            "memory_bank_size": max(1, int(patches * full_ratio)),
+    return {"patches": int(patches.replace(",", "")), "features_s": float(features_s), "coreset_s": float(coreset_s),
+            "calibration_s": float(calibration_s), "memory_bank_size": int(bank.replace(",", "")),
             "peak_rss_gb": int(result.stdout.split("peak_rss")[-1]) / 2**20,
             "notes": [line for line in result.stdout.splitlines() if line.startswith(("coreset:", "features of"))]}
+
+
+def reference_process(anchor: Path, data_path: Path, category: str, config: PatchCoreConfig, patches: int) -> dict:
+    """The reference code's training on the same sample (its runner also scores the test split): its in-process
+    stage seconds and peak RSS, loader workers included."""
+    result = anchor_job(anchor, str(data_path), category, config.coreset_ratio, config.backbone, config.weights)
+    return {"patches": patches, "features_s": result["t_feature_extraction_s"], "coreset_s": result["t_coreset_s"],
+            "calibration_s": None, "memory_bank_size": max(1, int(patches * config.coreset_ratio)),
+            "peak_rss_gb": (result["peak_rss_mb"] + result["peak_rss_children_mb"]) / 1024,
+            "other_cpu_s": result["other_cpu_s"]}
 
 
 def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_images: int, test_images: int,
@@ -131,8 +139,8 @@ def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_ima
     masks = torch.cat([b["mask"] for b in batches]).numpy() > 0.5
     queries = features.flatten(0, 2)
     rows, exact_indices = {}, None
-    searches = {"flat": ("flat", 1, False), "pruned (exact, the default)": ("pruned", 1, False),
-                "flat, bf16 candidates re-ranked in fp32": ("flat", 1, True),
+    searches = {"flat": ("flat", 1, False), "pruned (exact; the default without native bf16)": ("pruned", 1, False),
+                "flat, bf16 candidates re-ranked in fp32 (the default with native bf16)": ("flat", 1, True),
                 **{f"ivf, probe {p}": ("ivf", p, False) for p in probes}}
     for name, (search, probe, bf16) in searches.items():
         start = time.perf_counter()
@@ -166,17 +174,17 @@ def changed_flags(*configs: object) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| images | patches | version | peak RSS | + RSS per added patch | features | coreset | thresholds "
+    lines = ["| images | patches | code | peak RSS | + RSS per added patch | features | coreset | thresholds "
              "(calibration) | bank |", "|---|---|---|---|---|---|---|---|---|"] if report["curve"] else []
     previous: dict[str, dict] = {}
     for size, versions in report["curve"].items():
         for version, r in versions.items():
-            approx = "~" if r["scaled_from_ratio"] else ""
             last = previous.get(version)
             per_patch = (f"{(r['peak_rss_gb'] - last['peak_rss_gb']) * 2**30 / (r['patches'] - last['patches']):,.0f} B"
                          if last else "")
+            thresholds = "–" if r["calibration_s"] is None else f"{r['calibration_s']:.0f} s"
             lines.append(f"| {size} | {r['patches']:,} | {version} | {r['peak_rss_gb']:.2f} GiB | {per_patch} | "
-                         f"{r['features_s']:.0f} s | {approx}{r['coreset_s']:.0f} s | {approx}{r['calibration_s']:.0f} s | "
+                         f"{r['features_s']:.0f} s | {r['coreset_s']:.0f} s | {thresholds} | "
                          f"{r['memory_bank_size']:,} |")
             previous[version] = r
     if "search" in report:
@@ -198,10 +206,10 @@ def main() -> None:
     add_arguments(parser, PatchCoreConfig)
     parser.add_argument("--sizes", type=int, nargs="*", default=[200, 800, 3000],
                         help="training-set sizes to train on (none: the search benchmark only)")
-    parser.add_argument("--before", type=Path, default=None, help="a checkout of an earlier version to compare with")
-    parser.add_argument("--exact_limit", type=int, default=1_000_000, help="patches above which the earlier "
-                                                                           "version runs at --exact_ratio")
-    parser.add_argument("--exact_ratio", type=float, default=0.001)
+    parser.add_argument("--anchor", type=Path, default=ANCHOR, help="the reference code's runner")
+    parser.add_argument("--anchor_sizes", type=int, nargs="*", default=[],
+                        help="sizes at which the reference code trains too (its coreset takes N^2 x ratio: about "
+                             "9 minutes at 800 images, 1%%, on a 2-core CPU)")
     parser.add_argument("--bank_images", type=int, default=128, help="training images whose patches form the "
                                                                      "search bank (0: no search benchmark)")
     parser.add_argument("--test_images", type=int, default=60)
@@ -213,19 +221,15 @@ def main() -> None:
               "run": dataclasses.asdict(run), "curve": {}}
     flags = changed_flags(dataclasses.replace(config, coreset_ratio=PatchCoreConfig.coreset_ratio),
                           dataclasses.replace(run, data_path=None, category=TrainConfig.category))
-    patches_per_image = (config.image_size // 8) ** 2
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_big_set(run.resolved_data_path(), category, root / "big")
         for size in args.sizes:
-            data, versions = sample_folder(root, category, size), {}
-            if args.before:
-                slow = size * patches_per_image > args.exact_limit
-                versions["before"] = train_process(args.before, data, category, flags,
-                                                   args.exact_ratio if slow else config.coreset_ratio,
-                                                   config.coreset_ratio)
-            versions["this version"] = train_process(ROOT, data, category, flags, config.coreset_ratio,
-                                                     config.coreset_ratio)
+            data = sample_folder(root, category, size)
+            versions = {"this project": train_process(data, category, flags, config.coreset_ratio)}
+            if size in args.anchor_sizes:
+                versions["reference"] = reference_process(args.anchor, data, category, config,
+                                                          versions["this project"]["patches"])
             report["curve"][size] = versions
             print(markdown(report), flush=True)
         if args.bank_images:

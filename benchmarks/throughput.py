@@ -77,8 +77,8 @@ def main() -> None:
     path = Path(run.results_dir) / f"throughput_{run.category}.json"
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     print(f"[{run.category}] {report['images_per_s']:.1f} images/s end to end on {report['machine']['device_name']}"
-          f" ({report['timed_images']} images in {report['timed_s']:.2f} s, {model.precision}, {model.search} search, batch "
-          f"{run.batch_size}, {report['loader_workers']} decoding workers; warm-up pass {warm_up.seconds:.2f} s, "
+          f" ({report['timed_images']} images in {report['timed_s']:.2f} s, {model.precision}, {model.search} search, "
+          f"batch {run.batch_size}, {report['loader_workers']} decoding workers; warm-up pass {warm_up.seconds:.2f} s, "
           f"image AUROC {metrics['image_auroc']:.4f}, pixel AUROC {pixel}) -> {path}")
 
 

@@ -54,3 +54,24 @@ def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root
     assert "largest AUROC change against fp32 on the same picks" in run.stdout
     table = (tmp_path / "precision_tiles.md").read_text(encoding="utf-8").splitlines()
     assert len(table) == 4 and table[2].startswith("| 0.1 | fp32 | pruned |")
+
+
+def test_scale_benchmark_trains_both_sides_on_the_same_sample(data_root: Path, tmp_path: Path) -> None:
+    """scale.py: this project at every size, the reference (a stub runner) at --anchor_sizes, on the same sample of
+    the enlarged training set; the searches on a bank of every patch of a few training images."""
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text(STUB_ANCHOR, encoding="utf-8")
+    run = run_script("benchmarks/scale.py", "--data_path", data_root, "--category", "tiles", *SMALL,
+                     "--sizes", "4", "8", "--anchor_sizes", "8", "--anchor", anchor, "--bank_images", "2",
+                     "--test_images", "4", "--probes", "1", cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines()
+    assert len(calls) == 1 and calls[0].endswith("/sample_8 tiles 0.1 --backbone resnet18 --weights none")
+    report = json.loads((tmp_path / "results" / "scale.json").read_text(encoding="utf-8"))
+    assert list(report["curve"]) == ["4", "8"] and list(report["curve"]["8"]) == ["this project", "reference"]
+    ours, reference = report["curve"]["8"]["this project"], report["curve"]["8"]["reference"]
+    assert ours["patches"] == reference["patches"] == 8 * 8 * 8  # 64-px crops: an 8 x 8 patch grid per image
+    assert (reference["features_s"], reference["coreset_s"], reference["peak_rss_gb"]) == (8.0, 4.0, 1.0)
+    assert ours["memory_bank_size"] == reference["memory_bank_size"] == 51
+    assert set(report["search"]["searches"]) >= {"flat", "ivf, probe 1"}
+    assert report["search"]["searches"]["flat"]["recall_at_1"] == 1.0

@@ -92,7 +92,8 @@ def test_precision_resolution(device: str, native_bf16: bool, precision: str, wa
 
 
 @pytest.mark.parametrize("device, native_bf16, precision, search, want", [
-    ("cpu", True, "auto", "auto", "flat"), ("cpu", True, "bf16", "auto", "flat"), ("cpu", True, "fp32", "auto", "pruned"),
+    ("cpu", True, "auto", "auto", "flat"), ("cpu", True, "bf16", "auto", "flat"),
+    ("cpu", True, "fp32", "auto", "pruned"),
     ("cpu", False, "auto", "auto", "pruned"), ("cpu", False, "bf16", "auto", "pruned"),
     ("cuda", True, "bf16", "auto", "pruned"), ("cpu", True, "auto", "pruned", "pruned"),
     ("cpu", False, "fp32", "ivf", "ivf")])
