@@ -114,7 +114,8 @@ class PatchCoreConfig:
     def resolved_search(self, device: torch.device) -> str:
         """The search 'auto' stands for on ``device``: 'flat' (bf16 candidates, re-ranked in fp32) where the
         precision resolves to bf16 on a CPU with native bf16, else the exact 'pruned': on an AMX CPU, one bf16 product
-        ranks a bank faster than the pruned search's bounds do (README, "Speed" and "Large data")."""
+        ranks a bank as fast as the pruned search's bounds do on small banks and faster on big ones (README, "bf16
+        against fp32" and "Large data")."""
         if self.search != "auto":
             return self.search
         native = device.type == "cpu" and cpu_has_native_bf16()
