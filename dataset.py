@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
@@ -142,10 +143,9 @@ def _checked(pixels: np.ndarray) -> np.ndarray:
     return pixels.reshape(*pixels.shape[:2], -1)[:, :, :3]
 
 
-def _resize_and_crop(image: Image.Image, resize: int, image_size: int, resample: Image.Resampling) -> np.ndarray:
-    image = image.resize((resize, resize), resample)
-    offset = (resize - image_size) // 2
-    return np.asarray(image.crop((offset, offset, offset + image_size, offset + image_size)))
+def _center_crop(planes: torch.Tensor, image_size: int) -> torch.Tensor:
+    offset = (planes.shape[-1] - image_size) // 2
+    return planes[..., offset:offset + image_size, offset:offset + image_size]
 
 
 def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
@@ -153,18 +153,18 @@ def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tens
 
     ``pixels``: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) of uint8 (0 to 255), uint16 (0 to 65535),
     bool, or float32 / float64 within [0, 1]; anything else is a UserError. Each channel is scaled to [0, 1] and
-    resized on its own in 32-bit float, whatever the bit depth: the same picture at 8 or 16 bit gives the same tensor
-    (to float rounding), and deeper data keep their precision. Pillow's 8-bit resize would round after each of its
-    two passes, up to 1/255 per pixel, which moved some magnetic-tile image scores by 2%.
+    resized in 32-bit float, whatever the bit depth, by antialiased bilinear interpolation (Pillow's BILINEAR filter,
+    which the reference's torchvision Resize applies to 8-bit images, equal to it up to float rounding): the same
+    picture at 8 or 16 bit gives the same tensor, and deeper data keep their precision. Pillow's 8-bit resize would
+    round after each of its two passes, up to 1/255 per pixel, which moved some magnetic-tile image scores by 2%.
     """
     try:
         pixels = _checked(pixels)
     except ValueError as err:
         raise UserError(f"cannot use pixel array: {err}") from None
-    unit = pixels.astype(np.float32) / np.float32(_FULL_SCALE[pixels.dtype.name])
-    planes = [_resize_and_crop(Image.fromarray(np.ascontiguousarray(plane)), resize, image_size,
-                               Image.Resampling.BILINEAR) for plane in np.moveaxis(unit, 2, 0)]
-    return (torch.from_numpy(np.stack(planes)).expand(3, -1, -1) - _MEAN) / _STD
+    unit = torch.from_numpy(pixels.astype(np.float32)).div_(_FULL_SCALE[pixels.dtype.name]).permute(2, 0, 1)
+    resized = F.interpolate(unit[None], size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+    return (_center_crop(resized[0], image_size).expand(3, -1, -1) - _MEAN) / _STD
 
 
 def load_image(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
@@ -177,8 +177,8 @@ def load_image(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
 def load_mask(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
     """A ground-truth mask (defect where any value > 0, at any bit depth) with the same geometry as load_image
     (nearest neighbour), as bool."""
-    defect = Image.fromarray((read_pixels(path) > 0).any(axis=2))
-    return torch.from_numpy(_resize_and_crop(defect, resize, image_size, Image.Resampling.NEAREST) > 0)
+    defect = Image.fromarray((read_pixels(path) > 0).any(axis=2)).resize((resize, resize), Image.Resampling.NEAREST)
+    return _center_crop(torch.from_numpy(np.array(defect)), image_size)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
