@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from config import UserError
 
@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GOOD = "good"
+LARGE_IMAGE = 4  # images of over 4x the model's input pixels are decoded in worker processes on any CPU
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -214,17 +215,38 @@ class MVTecDataset(Dataset):
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Batches in file order, decoded in ``num_workers`` worker processes (-1: ``auto_workers``; pinned memory for
     a GPU)."""
-    workers = auto_workers(device) if num_workers < 0 else num_workers
+    workers = auto_workers(device, dataset) if num_workers < 0 else num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda")
 
 
-def auto_workers(device: torch.device) -> int:
-    """Decoding processes for ``device``: none for a CPU of at most 4 cores, where they would compete with the
-    backbone's threads (bottle's 83 test images on 2 cores: 5.4 s decoded between batches, 6.1 s with 2 workers);
-    else up to 4."""
+def auto_workers(device: torch.device, dataset: Dataset | None = None) -> int:
+    """Decoding processes for ``device``: up to 4, except on a CPU of at most 4 cores, where they would compete with
+    the backbone's threads, unless the images are large (``_large_images``), whose decoding takes as long as the
+    backbone. Measured with bf16 on 2 cores (README, "Speed"): bottle at MVTec's 900 px, 20.2 images/s decoded
+    between batches and 27.1 with 2 workers; its 256 px copy 32.1 and 35.9, magnetic tile 29.4 and 26.7."""
     cores = os.cpu_count() or 1
-    return 0 if device.type == "cpu" and cores <= 4 else min(4, cores)
+    small_cpu = device.type == "cpu" and cores <= 4
+    return 0 if small_cpu and not _large_images(dataset) else min(4, cores)
+
+
+def _large_images(dataset: Dataset | None) -> bool:
+    """Whether the first image of ``dataset`` (an MVTecDataset or ImageFiles, or a concatenation of them) has over
+    LARGE_IMAGE times the pixels of the model's input, by its file's header; False when unknown."""
+    while isinstance(dataset, ConcatDataset):
+        dataset = dataset.datasets[0]
+    if isinstance(dataset, MVTecDataset):
+        first = dataset.samples[0].path
+    elif isinstance(dataset, ImageFiles) and dataset.paths:
+        first = dataset.paths[0]
+    else:
+        return False
+    try:
+        with Image.open(first) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False  # the loader names the file when it reads it
+    return width * height > LARGE_IMAGE * dataset.image_size**2
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:

@@ -69,7 +69,7 @@ def main() -> None:
                           if device.type == "cuda" else "cpu"},
               "category": run.category, "run": dataclasses.asdict(run), "config": dataclasses.asdict(model.config),
               "precision": model.precision, "search": model.search, "memory_bank": len(model.memory_bank),
-              "loader_workers": auto_workers(device) if run.num_workers < 0 else run.num_workers,
+              "loader_workers": auto_workers(device, dataset) if run.num_workers < 0 else run.num_workers,
               "test_images": len(dataset), "warm_up_s": warm_up.seconds, "image_auroc": metrics["image_auroc"],
               "pixel_auroc": metrics["pixel_auroc"], "passes": args.passes,
               **stream_throughput(model, dataset, run, args.passes)}

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage
+from torch.utils.data import ConcatDataset
 
 from baseline import reference_embedding
 from conftest import (GRAY_COUNTS, NUM_TILES_TEST, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process,
                       run_script)
 from config import PatchCoreConfig
-from dataset import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, auto_workers, make_loader
+from dataset import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, MVTecDataset, auto_workers, make_loader
 from patchcore import PatchCore, PatchEmbedding, anomaly_maps, read_checkpoint
 from search import NearestNeighbours
 
@@ -313,3 +315,20 @@ def test_decoding_processes_only_where_cores_are_to_spare(monkeypatch, cores: in
     assert auto_workers(torch.device(device)) == workers
     loader = make_loader(list(range(4)), batch_size=2, num_workers=-1, device=torch.device("cpu"))
     assert loader.num_workers == auto_workers(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("side, workers", [(80, 0), (128, 0), (129, 2), (900, 2)])
+def test_large_images_are_decoded_in_workers_on_a_small_cpu(monkeypatch, tmp_path: Path, side: int,
+                                                             workers: int) -> None:
+    """Over 4x the model's input pixels (64 px here: beyond 128 px a side), decoding costs as much as the backbone."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    folder = tmp_path / "part" / "train" / "good"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (side, side)).save(folder / "000.png")
+    cpu = torch.device("cpu")
+    dataset = MVTecDataset(tmp_path, "part", "train", resize=72, image_size=64)
+    files = ImageFiles([folder / "000.png"], resize=72, image_size=64)
+    for data in (dataset, files, ConcatDataset([dataset] * 2)):
+        assert auto_workers(cpu, data) == workers
+    assert make_loader(files, batch_size=2, num_workers=-1, device=cpu).num_workers == workers
+    assert auto_workers(cpu, ImageFiles([tmp_path / "missing.png"], 72, 64)) == 0  # unknown: the default
