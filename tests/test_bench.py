@@ -1,10 +1,13 @@
-"""The benchmarks: bench.py times each precision against one reference run; precision.py compares AUROCs."""
+"""The benchmarks: bench.py times each precision against one reference run; precision.py compares AUROCs;
+upscaled_copy.py makes full-size stand-ins."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from config import PatchCoreConfig
 from conftest import SMALL, run_script
@@ -75,3 +78,16 @@ def test_scale_benchmark_trains_both_sides_on_the_same_sample(data_root: Path, t
     assert ours["memory_bank_size"] == reference["memory_bank_size"] == 51
     assert set(report["search"]["searches"]) >= {"flat", "ivf, probe 1"}
     assert report["search"]["searches"]["flat"]["recall_at_1"] == 1.0
+
+
+def test_upscaled_copy_keeps_the_layout_at_the_new_size(data_root: Path, tmp_path: Path) -> None:
+    target = tmp_path / "big" / "tiles"
+    run = run_script("benchmarks/upscaled_copy.py", data_root / "tiles", target, "--size", "100", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    source_files = sorted(p.relative_to(data_root / "tiles") for p in (data_root / "tiles").rglob("*.png"))
+    assert sorted(p.relative_to(target) for p in target.rglob("*.png")) == source_files
+    mask = next(target.glob("ground_truth/*/*.png"))
+    with Image.open(mask) as image:
+        assert image.size == (100, 100) and set(np.unique(np.asarray(image))) <= {0, 255}  # nearest: still binary
+    again = run_script("benchmarks/upscaled_copy.py", data_root / "tiles", target, cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
