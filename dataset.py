@@ -222,8 +222,8 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
 
 def auto_workers(device: torch.device, dataset: Dataset | None = None) -> int:
     """Decoding processes for ``device``: up to 4, except on a CPU of at most 4 cores, where they would compete with
-    the backbone's threads, unless the images are large (``_large_images``), whose decoding takes as long as the
-    backbone. Measured with bf16 on 2 cores (README, "Speed"): bottle at MVTec's 900 px, 20.2 images/s decoded
+    the backbone's threads, unless the images are large (``_large_images``): their decoding takes about as long as
+    the backbone. With bf16 on 2 cores (README, "Full-size images"): bottle at MVTec's 900 px, 20.2 images/s decoded
     between batches and 27.1 with 2 workers; its 256 px copy 32.1 and 35.9, magnetic tile 29.4 and 26.7."""
     cores = os.cpu_count() or 1
     small_cpu = device.type == "cpu" and cores <= 4
