@@ -73,6 +73,9 @@ class PatchCoreConfig:
                                      "search re-ranked in fp32), 'fp16' (backbone under fp16 autocast), or "
                                      "'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise",
                                choices=PRECISIONS)
+    fp32_bank: bool = _option(False, "compute the training features in fp32 whatever --precision: the coreset "
+                                     "picks and the memory bank are then the fp32 path's, and reduced precision "
+                                     "runs at inference only")
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot work."""

@@ -5,10 +5,12 @@
 
 For each coreset ratio, this project trains on the category and scores its whole test set, each time in a fresh
 process, as bench.py's project side does: in fp32 (the reference point), with --precision bf16 (layer2 and layer3
-under bf16 autocast, the exact pruned search in fp32), and with --precision bf16 --search flat (also the bf16 k-NN
-candidates re-ranked in fp32: the defaults on a CPU with native bf16); --variants chooses among these, fp32 first.
-It reports the AUROCs, their change against fp32 (the issue's bound: 0.002) and the stage times. On a CPU without native bf16 the bf16 runs round as
-bf16 does but compute far slower than fp32: their AUROCs hold, their times say nothing about a bf16 CPU.
+under bf16 autocast, the exact pruned search in fp32), with --precision bf16 --search flat (also the bf16 k-NN
+candidates re-ranked in fp32: the defaults on a CPU with native bf16), and with that and --fp32_bank (training
+features in fp32, so fp32's bank: bf16 at inference only); --variants chooses among these, fp32 first. It reports
+the AUROCs, their change against fp32 (the issue's bound: 0.002) and the stage times. On a CPU without native bf16
+the bf16 runs round as bf16 does but compute far slower than fp32: their AUROCs hold, their times say nothing
+about a bf16 CPU.
 
 The greedy coreset amplifies any change of the features into other picks, and on data such as magnetic tile other
 picks (another --seed, say) move the AUROCs more than bf16 does. --same_picks also scores every variant on one
@@ -37,8 +39,14 @@ from dataset import MVTecDataset, make_loader  # noqa: E402
 from evaluate import category_metrics, predict  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
 
-VARIANTS = ("fp32:pruned", "bf16:pruned", "bf16:flat")
+VARIANTS = ("fp32:pruned", "bf16:pruned", "bf16:flat", "bf16:flat:fp32_bank")
 AUROC_TOLERANCE = 0.002
+
+
+def variant_config(config: PatchCoreConfig, variant: str) -> PatchCoreConfig:
+    """``config`` with a variant's settings: 'precision:search', and ':fp32_bank' for --fp32_bank."""
+    precision, search, *bank = variant.split(":")
+    return dataclasses.replace(config, precision=precision, search=search, fp32_bank=bank == ["fp32_bank"])
 
 
 def same_picks_job(config: PatchCoreConfig, run: EvalConfig, category: str, variants: list[str]) -> list[dict]:
@@ -48,10 +56,10 @@ def same_picks_job(config: PatchCoreConfig, run: EvalConfig, category: str, vari
     train = MVTecDataset(run.data_path, category, "train", config.resize, config.image_size)
     test = MVTecDataset(run.data_path, category, "test", config.resize, config.image_size)
     extractor, picks, results = None, None, []
-    for precision, search in (variant.split(":") for variant in variants):
-        model = PatchCore(dataclasses.replace(config, precision=precision, search=search), device, extractor)
+    for variant in variants:
+        model = PatchCore(variant_config(config, variant), device, extractor)
         extractor = model.extractor
-        features = torch.cat([model.embed(batch["image"]).flatten(0, 2)
+        features = torch.cat([model.embed(batch["image"], not model.config.fp32_bank).flatten(0, 2)
                               for batch in make_loader(train, run.batch_size, run.num_workers, device)])
         if picks is None:
             projection = Projection(config.embedding_dim, config.projection_dim, config.seed)
@@ -74,7 +82,8 @@ def markdown(report: dict) -> str:
             same_columns = "– | –" if same is None else (
                 f"{same['image_auroc']:.4f} / {same['pixel_auroc']:.4f} | {_change(same, rows[0]['same_picks'])}")
             lines.append(
-                f"| {ratio} | {r['precision']} | {r['search']} | {r['features_s']:.1f} + {r['coreset_s']:.1f} s | "
+                f"| {ratio} | {r['precision']}{', fp32 bank' if r.get('fp32_bank') else ''} | {r['search']} | "
+                f"{r['features_s']:.1f} + {r['coreset_s']:.1f} s | "
                 f"{r['inference_s']:.1f} s | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | "
                 f"{_change(r, rows[0])} | {same_columns} | {r['peak_rss_gb']:.2f} GiB |")
     return "\n".join(lines)
@@ -121,10 +130,10 @@ def main() -> None:
 
     for ratio in args.coreset_ratios:
         rows = report["rows"].setdefault(str(ratio), [])
-        for precision, search in (variant.split(":") for variant in args.variants):
-            config = dataclasses.replace(base_config, coreset_ratio=ratio, precision=precision, search=search)
-            rows.append(in_fresh_process(project_job, config, run, run.category))
-            print(f"coreset {ratio}, {precision}, {search} search: image / pixel AUROC {rows[-1]['image_auroc']:.4f}"
+        for variant in args.variants:
+            config = variant_config(dataclasses.replace(base_config, coreset_ratio=ratio), variant)
+            rows.append({**in_fresh_process(project_job, config, run, run.category), "fp32_bank": config.fp32_bank})
+            print(f"coreset {ratio}, {variant}: image / pixel AUROC {rows[-1]['image_auroc']:.4f}"
                   f" / {rows[-1]['pixel_auroc']:.4f}, inference {rows[-1]['inference_s']:.1f} s", flush=True)
             table = save()
         if args.same_picks:

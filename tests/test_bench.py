@@ -47,16 +47,18 @@ def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root
     AUROCs."""
     run = run_script("benchmarks/precision.py", "--data_path", data_root, "--category", "tiles", "--device", "cpu",
                      *SMALL_WITHOUT_RATIO, "--coreset_ratios", "0.1", "--variants", "fp32:pruned", "bf16:pruned",
-                     "--same_picks", "--results_dir", tmp_path, cwd=tmp_path, timeout=300)
+                     "bf16:flat:fp32_bank", "--same_picks", "--results_dir", tmp_path, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "precision_tiles.json").read_text(encoding="utf-8"))
-    fp32, bf16 = report["rows"]["0.1"]
-    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    fp32, bf16, fp32_bank = report["rows"]["0.1"]
+    assert (fp32["precision"], bf16["precision"], fp32_bank["precision"]) == ("fp32", "bf16", "bf16")
+    assert (fp32["fp32_bank"], bf16["fp32_bank"], fp32_bank["fp32_bank"]) == (False, False, True)
     assert fp32["same_picks"] == {"image_auroc": fp32["image_auroc"], "pixel_auroc": fp32["pixel_auroc"]}
     assert set(bf16["same_picks"]) == {"image_auroc", "pixel_auroc"}
     assert "largest AUROC change against fp32 on the same picks" in run.stdout
     table = (tmp_path / "precision_tiles.md").read_text(encoding="utf-8").splitlines()
-    assert len(table) == 4 and table[2].startswith("| 0.1 | fp32 | pruned |")
+    assert len(table) == 5 and table[2].startswith("| 0.1 | fp32 | pruned |")
+    assert table[4].startswith("| 0.1 | bf16, fp32 bank | flat |")
 
 
 def test_scale_benchmark_trains_both_sides_on_the_same_sample(data_root: Path, tmp_path: Path) -> None:
