@@ -73,9 +73,10 @@ class PatchCoreConfig:
                                      "search re-ranked in fp32), 'fp16' (backbone under fp16 autocast), or "
                                      "'auto': fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise",
                                choices=PRECISIONS)
-    fp32_bank: bool = _option(False, "compute the training features in fp32 whatever --precision: the coreset "
-                                     "picks and the memory bank are then the fp32 path's, and reduced precision "
-                                     "runs at inference only")
+    fp32_bank: bool = _option(True, "compute the training features in fp32 whatever --precision: the coreset "
+                                    "picks and the memory bank are then the fp32 path's, and reduced precision "
+                                    "runs at inference only (and for the thresholds); --no-fp32_bank trains in "
+                                    "--precision too: faster, but its rounding changes some of the coreset's picks")
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot work."""
@@ -209,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="+", metavar=f.name.rstrip("s").upper(), help=help_text)
         elif hint is bool:
-            parser.add_argument(flag, action="store_true", help=help_text)
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=default, help=help_text)
         elif hint == tuple[str, ...]:
             parser.add_argument(flag, nargs="+", default=list(default), help=f"{help_text} (default: {' '.join(default)})")
         else:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from atomic import atomic_write
@@ -30,8 +30,9 @@ from search import NearestNeighbours
 
 CHECKPOINT_FORMAT = "patchcore-memory-bank"
 CHECKPOINT_VERSION = 2  # 2: carries the backbone weights and the calibrated thresholds
-# fields added since version 2 came: they take their defaults when absent
+# fields added since version 2 came: they take their defaults when absent, or the value they would have had
 FIELDS_ADDED_IN_VERSION_2 = {"coreset", "coreset_shard_size", "search", "ivf_probe", "precision", "fp32_bank"}
+VALUES_BEFORE_THE_FIELD = {"fp32_bank": False}  # what checkpoints without the field were trained with
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_PIXELS_PER_PASS = 8 * 224 * 224  # images per backbone pass on a CPU: 8 at 224 px
 
@@ -224,7 +225,9 @@ class PatchCore:
         memory bank is the same. With ``held_out`` (indices into the loader's data set), those images are also
         scored, for calibration, as unseen good images: against the coreset (same settings) of the other images'
         patches, which is the bank that training on the other images alone would build. Their scores and map
-        maxima are returned under 'held_out'. The memory bank itself keeps every image's patches.
+        maxima are returned under 'held_out', computed in the precision that inspection will use: under
+        ``fp32_bank`` with reduced precision, the held-out images are embedded once more in that precision. The
+        memory bank itself keeps every image's patches.
         """
         start = time.perf_counter()
         config = self.config
@@ -256,7 +259,9 @@ class PatchCore:
                       "coreset_shards": shards, "feature_store": "disk" if store.on_disk else "memory"}
             if held_out:
                 start = time.perf_counter()
-                report["held_out"] = self._score_held_out(store, points, projection, grid, held_out)
+                embed_again = config.fp32_bank and self.precision in AUTOCAST_DTYPES
+                report["held_out"] = self._score_held_out(store, points, projection, grid, held_out,
+                                                          loader if embed_again else None)
                 report["calibration_s"] = time.perf_counter() - start
             return report
         finally:
@@ -274,10 +279,12 @@ class PatchCore:
         return FeatureStore(num_rows, dim, self.device, on_disk)
 
     def _score_held_out(self, store: FeatureStore, points: torch.Tensor, projection: Projection, grid: list[int],
-                        held_out: Sequence[int], batch_size: int = 8) -> dict[str, list[float]]:
+                        held_out: Sequence[int], loader: DataLoader | None = None,
+                        batch_size: int = 8) -> dict[str, list[float]]:
         """Scores and map maxima of the ``held_out`` images (rows of ``store``, grid[0] * grid[1] per image)
         against the coreset of the other images' patches, ``batch_size`` images at a time: few, because the
-        training features are still in memory and the search's temporaries grow with the batch."""
+        training features are still in memory and the search's temporaries grow with the batch. With ``loader``
+        (the training images'), their features are computed anew by ``embed``, not taken from ``store``."""
         patches_per_image = grid[0] * grid[1]
         held_out = torch.as_tensor(list(held_out))
         every = torch.arange(store.filled)
@@ -286,10 +293,16 @@ class PatchCore:
                                   self.config.coreset_shard_size, rows=others)
         bank = store.rows(picks)
         neighbours = self._neighbours(bank)
-        offsets = torch.arange(patches_per_image)
+        if loader is None:
+            offsets = torch.arange(patches_per_image)
+            batches = (store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
+                       for part in held_out.split(batch_size))
+        else:
+            images = DataLoader(Subset(loader.dataset, held_out.tolist()), batch_size=batch_size,
+                                num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+            batches = (self.embed(batch["image"]) for batch in images)
         scores, maxima = [], []
-        for part in held_out.split(batch_size):
-            features = store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
+        for features in batches:
             image_scores, maps = self._score(features, neighbours, bank)
             scores += image_scores.tolist()
             maxima += maps.flatten(1).max(1).values.tolist()
@@ -392,7 +405,8 @@ class PatchCore:
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["PatchCore", dict]:
         """A model ready to inspect, and the checkpoint's contents; UserError for damaged or foreign files."""
         checkpoint = read_checkpoint(path)
-        config = PatchCoreConfig(**{**checkpoint["config"], "layers": tuple(checkpoint["config"]["layers"])})
+        stored = checkpoint["config"]
+        config = PatchCoreConfig(**{**VALUES_BEFORE_THE_FIELD, **stored, "layers": tuple(stored["layers"])})
         config.validate()  # before building the backbone it names
         extractor = FeatureExtractor(config.backbone, config.weights, config.layers, state=checkpoint["backbone_state"])
         if extractor.weights_digest != checkpoint["weights_digest"]:

@@ -14,8 +14,8 @@ project's training also sets thresholds from held-out images, work the reference
 column and is not in the ratio. --timing_backbone adds a row at the smallest ratio with that backbone's random
 weights on both sides (timing only: its AUROCs mean nothing). --precisions runs this project's side once per
 precision against the same reference run (which computes in fp32): fp32 is like for like, 'auto' this CPU's
-fast path (where the CPU has native bf16: bf16 and the bf16 k-NN candidates). Results: results/benchmark.json and
-.md.
+fast path (where the CPU has native bf16: bf16 and the bf16 k-NN candidates, the training features in fp32 unless
+--no-fp32_bank). Results: results/benchmark.json and .md.
 """
 from __future__ import annotations
 
@@ -165,8 +165,9 @@ def main() -> None:
         for precision in precisions:
             project = in_fresh_process(project_job, dataclasses.replace(config, precision=precision), run,
                                        run.category)
-            report["rows"][f"{name}, {precision}, {project['search']} search"] = {"reference": reference,
-                                                                                 "project": project}
+            bank = ", fp32 bank" if config.fp32_bank and precision != "fp32" else ""
+            report["rows"][f"{name}, {precision}{bank}, {project['search']} search"] = {"reference": reference,
+                                                                                        "project": project}
         print(f"{name}: both sides in {time.perf_counter() - start:.0f} s (other processes' CPU during the "
               f"reference run: {reference['other_cpu_s']} s)", flush=True)
         table = markdown(report)  # after every row: a long run keeps what it measured

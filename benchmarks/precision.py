@@ -4,10 +4,11 @@
         --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth --coreset_ratios 0.01 0.1
 
 For each coreset ratio, this project trains on the category and scores its whole test set, each time in a fresh
-process, as bench.py's project side does: in fp32 (the reference point), with --precision bf16 (layer2 and layer3
-under bf16 autocast, the exact pruned search in fp32), with --precision bf16 --search flat (also the bf16 k-NN
-candidates re-ranked in fp32: the defaults on a CPU with native bf16), and with that and --fp32_bank (training
-features in fp32, so fp32's bank: bf16 at inference only); --variants chooses among these, fp32 first. It reports
+process, as bench.py's project side does: in fp32 (the reference point), with --precision bf16 --no-fp32_bank
+(layer2 and layer3 under bf16 autocast in training too, the exact pruned search in fp32), with --precision bf16
+--search flat --no-fp32_bank (also the bf16 k-NN candidates re-ranked in fp32), and with --precision bf16 --search
+flat (training features in fp32, so fp32's bank, and bf16 at inference only: the defaults on a CPU with native
+bf16); --variants chooses among these, fp32 first. It reports
 the AUROCs, their change against fp32 (the issue's bound: 0.002) and the stage times. On a CPU without native bf16
 the bf16 runs round as bf16 does but compute far slower than fp32: their AUROCs hold, their times say nothing
 about a bf16 CPU.

@@ -135,7 +135,8 @@ def test_bf16_model_scores_like_the_float32_model(data_root: Path, search: str) 
     test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
     batch = next(iter(make_loader(test, len(test), 0, CPU)))
     fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
-    bf16 = PatchCore(dataclasses.replace(config, precision="bf16", search=search), CPU, extractor=fp32.extractor)
+    bf16 = PatchCore(dataclasses.replace(config, precision="bf16", search=search, fp32_bank=False), CPU,
+                     extractor=fp32.extractor)
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
     features32, features16 = fp32.embed(batch["image"]), bf16.embed(batch["image"])
     assert float(((features16 - features32).norm(dim=-1) / features32.norm(dim=-1)).max()) < 0.01
@@ -149,38 +150,58 @@ def test_bf16_model_scores_like_the_float32_model(data_root: Path, search: str) 
     assert image_auroc(labels, bf16.predict(batch["image"])[0].numpy()) == image_auroc(labels, scores32.numpy()) == 1
 
 
-def test_fp32_bank_trains_the_fp32_models_bank_and_scores_in_bf16(data_root: Path) -> None:
-    """--fp32_bank: the training features, hence the coreset picks and the bank, are the fp32 path's exactly (held-out
-    calibration scores included); only inference runs in bf16."""
+def test_fp32_bank_trains_the_fp32_models_bank_and_calibrates_and_scores_in_bf16(data_root: Path) -> None:
+    """fp32_bank (the default): the training features, hence the coreset picks and the bank, are the fp32 path's
+    exactly; the held-out images are scored from bf16 features, as inspection will score, against the bank of the
+    other images alone."""
     config = PatchCoreConfig(**SMALL_CONFIG, calibration_fraction=0.25)
+    assert config.fp32_bank
     train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
     images = next(iter(make_loader(MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size), 8, 0,
                                    CPU)))["image"]
     fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
-    bf16 = PatchCore(dataclasses.replace(config, precision="bf16", fp32_bank=True), CPU, extractor=fp32.extractor)
+    bf16 = PatchCore(dataclasses.replace(config, precision="bf16"), CPU, extractor=fp32.extractor)
     held_out = [0, 3]
+    held_out_images = torch.stack([train[i]["image"] for i in held_out])
     reports = [model.fit(make_loader(train, 8, 0, CPU), held_out) for model in (fp32, bf16)]
     assert torch.equal(bf16.memory_bank, fp32.memory_bank)
-    assert reports[1]["held_out"]["image_scores"] == pytest.approx(reports[0]["held_out"]["image_scores"], rel=1e-6)
+
+    others = PatchCore(fp32.config, CPU, extractor=fp32.extractor)
+    train.samples = [s for i, s in enumerate(train.samples) if i not in held_out]
+    others.fit(make_loader(train, 8, 0, CPU))
+    bf16_others = PatchCore(bf16.config, CPU, extractor=fp32.extractor)
+    bf16_others.set_memory_bank(others.memory_bank)
+    held_out_scores = bf16_others.predict(held_out_images)[0].tolist()
+    assert reports[1]["held_out"]["image_scores"] == pytest.approx(held_out_scores, rel=1e-5)
+    assert reports[1]["held_out"]["image_scores"] != pytest.approx(reports[0]["held_out"]["image_scores"], rel=1e-6)
+
     scores32, scores16 = fp32.predict(images)[0], bf16.predict(images)[0]
     assert not torch.equal(scores16, scores32)  # bf16 at inference ...
     torch.testing.assert_close(scores16, scores32, rtol=0.01, atol=0)  # ... within its rounding
 
 
+def test_checkpoints_from_before_fp32_bank_load_as_trained_in_their_precision(checkpoint_copy: Path) -> None:
+    checkpoint = torch.load(checkpoint_copy, weights_only=True)
+    del checkpoint["config"]["fp32_bank"]
+    torch.save(checkpoint, checkpoint_copy)
+    model, _ = PatchCore.load(checkpoint_copy, CPU)
+    assert model.config.fp32_bank is False
+
+
 def test_precision_flag_is_stored_in_the_checkpoint_and_the_summary(data_root: Path, tmp_path: Path) -> None:
     trained = run_in_process("train.py", "--data_path", data_root, "--category", "gray", *SMALL, "--precision",
-                             "bf16", "--fp32_bank", "--checkpoint_dir", tmp_path / "checkpoints", cwd=tmp_path)
+                             "bf16", "--no-fp32_bank", "--checkpoint_dir", tmp_path / "checkpoints", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     search = PatchCoreConfig(precision="bf16").resolved_search(CPU)  # flat on CPUs with native bf16, else pruned
     assert f"on cpu in bf16, {search} search" in trained.stdout
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "gray.pt")
     assert checkpoint["resolved_precision"] == checkpoint["config"]["precision"] == "bf16"
     assert checkpoint["resolved_search"] == search and checkpoint["config"]["search"] == "auto"
-    assert checkpoint["config"]["fp32_bank"] is True
+    assert checkpoint["config"]["fp32_bank"] is False
     evaluated = run_in_process("evaluate.py", "--checkpoint_dir", tmp_path / "checkpoints", "--results_dir",
                                tmp_path / "results", "--no_plots", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())["categories"]["gray"]
     assert summary["resolved_precision"] == summary["trained"]["resolved_precision"] == "bf16"
     assert summary["resolved_search"] == summary["trained"]["resolved_search"] == search
-    assert summary["config"]["precision"] == "bf16" and summary["config"]["fp32_bank"] is True
+    assert summary["config"]["precision"] == "bf16" and summary["config"]["fp32_bank"] is False
