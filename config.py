@@ -64,8 +64,8 @@ class PatchCoreConfig:
     search: str = _option("auto", "nearest-neighbour search: 'pruned' (exact; lower bounds on the bank's principal "
                                   "axes skip most distances), 'flat' (exact, every distance; under bf16, bf16 "
                                   "candidates re-ranked in fp32), 'ivf' (faiss inverted file: approximate, for banks "
-                                  "of 100k+ entries), or 'auto': 'flat' where bf16 runs on a CPU with native bf16 "
-                                  "(faster there than 'pruned', not always the exact neighbour), 'pruned' elsewhere",
+                                  "of 100k+ entries), or 'auto': 'flat' where bf16 runs on a CPU with AMX (faster "
+                                  "there than 'pruned', not always the exact neighbour), 'pruned' elsewhere",
                           choices=SEARCHES)
     ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")
     precision: str = _option("auto", "'fp32', 'bf16' (the backbone's layer2 and layer3 under bf16 autocast, its "
@@ -117,23 +117,34 @@ class PatchCoreConfig:
 
     def resolved_search(self, device: torch.device) -> str:
         """The search 'auto' stands for on ``device``: 'flat' (bf16 candidates, re-ranked in fp32) where the
-        precision resolves to bf16 on a CPU with native bf16, else the exact 'pruned': on an AMX CPU, one bf16 product
-        ranks a bank as fast as the pruned search's bounds do on small banks and faster on big ones (README, "bf16
-        against fp32" and "Large data")."""
+        precision resolves to bf16 on a CPU with AMX, else the exact 'pruned'. With AMX, one bf16 product ranks a
+        bank as fast as the pruned search's bounds do on small banks and faster on big ones; AVX-512 BF16 alone only
+        doubles fp32's product rate: the pruned search was faster there on bottle's banks and 1.2x slower on a
+        100k-entry magnetic-tile bank (README, "Speed" and "Large data")."""
         if self.search != "auto":
             return self.search
-        native = device.type == "cpu" and cpu_has_native_bf16()
-        return "flat" if native and self.resolved_precision(device) == "bf16" else "pruned"
+        tiles = device.type == "cpu" and cpu_has_bf16_tiles()
+        return "flat" if tiles and self.resolved_precision(device) == "bf16" else "pruned"
+
+
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags, from ``cpuinfo`` (none where it cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            return {word for line in f if line.startswith(("flags", "Features"))
+                    for word in line.partition(":")[2].split()}
+    except OSError:
+        return set()
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16, AMX, or Arm BF16), from /proc/cpuinfo's flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    """Whether this CPU computes bf16 natively: AVX-512 BF16, AMX, or Arm BF16."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_bf16_tiles() -> bool:
+    """Whether this CPU has AMX's bf16 tile products, several times fp32's rate (AVX-512 BF16: about twice)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 @dataclass

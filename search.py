@@ -1,7 +1,6 @@
 """Nearest-neighbour search of patch features in a memory bank: exact search that prunes with lower bounds (the
-default where bf16 is not native), exact flat search (faiss, on the GPU with faiss-gpu, or torch), an inverted-file
-index for big banks, and a bf16 candidate search with an exact float32 re-rank (the default on CPUs with native
-bf16)."""
+default on CPUs without AMX), exact flat search (faiss, on the GPU with faiss-gpu, or torch), an inverted-file index
+for big banks, and a bf16 candidate search with an exact float32 re-rank (the default on CPUs with AMX)."""
 from __future__ import annotations
 
 import math

@@ -14,8 +14,8 @@ project's training also sets thresholds from held-out images, work the reference
 column and is not in the ratio. --timing_backbone adds a row at the smallest ratio with that backbone's random
 weights on both sides (timing only: its AUROCs mean nothing). --precisions runs this project's side once per
 precision against the same reference run (which computes in fp32): fp32 is like for like, 'auto' this CPU's
-fast path (where the CPU has native bf16: bf16 and the bf16 k-NN candidates, the training features in fp32 unless
---no-fp32_bank). Results: results/benchmark.json and .md.
+fast path (where the CPU has native bf16: bf16, the training features in fp32 unless --no-fp32_bank; with AMX
+also the bf16 k-NN candidates). Results: results/benchmark.json and .md.
 """
 from __future__ import annotations
 

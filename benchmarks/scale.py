@@ -139,8 +139,8 @@ def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_ima
     masks = torch.cat([b["mask"] for b in batches]).numpy() > 0.5
     queries = features.flatten(0, 2)
     rows, exact_indices = {}, None
-    searches = {"flat": ("flat", 1, False), "pruned (exact; the default without native bf16)": ("pruned", 1, False),
-                "flat, bf16 candidates re-ranked in fp32 (the default with native bf16)": ("flat", 1, True),
+    searches = {"flat": ("flat", 1, False), "pruned (exact; the default without AMX)": ("pruned", 1, False),
+                "flat, bf16 candidates re-ranked in fp32 (the default with AMX)": ("flat", 1, True),
                 **{f"ivf, probe {p}": ("ivf", p, False) for p in probes}}
     for name, (search, probe, bf16) in searches.items():
         start = time.perf_counter()

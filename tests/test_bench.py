@@ -32,7 +32,7 @@ def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path,
     assert (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines() == [
         f"{data_root} tiles 0.1 --backbone resnet18 --weights none"]
     report = json.loads((tmp_path / "benchmark.json").read_text(encoding="utf-8"))
-    bf16_search = PatchCoreConfig(precision="bf16").resolved_search(torch.device("cpu"))  # flat where bf16 is native
+    bf16_search = PatchCoreConfig(precision="bf16").resolved_search(torch.device("cpu"))  # flat on CPUs with AMX
     assert list(report["rows"]) == ["resnet18, coreset 0.1, fp32, pruned search",  # bf16 trains an fp32 bank
                                     f"resnet18, coreset 0.1, bf16, fp32 bank, {bf16_search} search"]
     for name, row in report["rows"].items():

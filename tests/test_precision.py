@@ -91,17 +91,31 @@ def test_precision_resolution(device: str, native_bf16: bool, precision: str, wa
     assert PatchCoreConfig(precision=precision).resolved_precision(torch.device(device)) == want
 
 
-@pytest.mark.parametrize("device, native_bf16, precision, search, want", [
-    ("cpu", True, "auto", "auto", "flat"), ("cpu", True, "bf16", "auto", "flat"),
-    ("cpu", True, "fp32", "auto", "pruned"),
-    ("cpu", False, "auto", "auto", "pruned"), ("cpu", False, "bf16", "auto", "pruned"),
-    ("cuda", True, "bf16", "auto", "pruned"), ("cpu", True, "auto", "pruned", "pruned"),
-    ("cpu", False, "fp32", "ivf", "ivf")])
-def test_search_resolution(device: str, native_bf16: bool, precision: str, search: str, want: str,
+@pytest.mark.parametrize("device, native_bf16, tiles, precision, search, want", [
+    ("cpu", True, True, "auto", "auto", "flat"), ("cpu", True, True, "bf16", "auto", "flat"),
+    ("cpu", True, False, "auto", "auto", "pruned"), ("cpu", True, True, "fp32", "auto", "pruned"),
+    ("cpu", False, False, "auto", "auto", "pruned"), ("cpu", False, False, "bf16", "auto", "pruned"),
+    ("cuda", True, True, "bf16", "auto", "pruned"), ("cpu", True, True, "auto", "pruned", "pruned"),
+    ("cpu", True, False, "bf16", "flat", "flat"), ("cpu", False, False, "fp32", "ivf", "ivf")])
+def test_search_resolution(device: str, native_bf16: bool, tiles: bool, precision: str, search: str, want: str,
                            monkeypatch) -> None:
-    """'auto' takes the bf16 candidates only where bf16 runs natively on the CPU; an explicit search stays."""
+    """'auto' takes the bf16 candidates only where the CPU has AMX's bf16 tiles (AVX-512 BF16 alone: the pruned
+    search); an explicit search stays."""
     monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(config_module, "cpu_has_bf16_tiles", lambda: tiles)
     assert PatchCoreConfig(precision=precision, search=search).resolved_search(torch.device(device)) == want
+
+
+def test_cpu_features_come_from_cpuinfos_flags(monkeypatch, tmp_path: Path) -> None:
+    """AVX-512 BF16 alone is native bf16 without tiles; AMX is both; an unreadable cpuinfo is neither."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\n", encoding="utf-8")
+    assert config_module._cpu_flags(str(cpuinfo)) == {"fpu", "avx512f", "avx512_bf16"}
+    assert config_module._cpu_flags(str(tmp_path / "missing")) == set()
+    for flags, native, tiles in [({"avx512f", "avx512_bf16"}, True, False), ({"avx512_bf16", "amx_bf16"}, True, True),
+                                 ({"asimd", "bf16"}, True, False), ({"avx2"}, False, False), (set(), False, False)]:
+        monkeypatch.setattr(config_module, "_cpu_flags", lambda flags=flags: flags)
+        assert (config_module.cpu_has_native_bf16(), config_module.cpu_has_bf16_tiles()) == (native, tiles), flags
 
 
 def test_unknown_precision_is_a_user_error() -> None:
@@ -192,7 +206,7 @@ def test_precision_flag_is_stored_in_the_checkpoint_and_the_summary(data_root: P
     trained = run_in_process("train.py", "--data_path", data_root, "--category", "gray", *SMALL, "--precision",
                              "bf16", "--no-fp32_bank", "--checkpoint_dir", tmp_path / "checkpoints", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    search = PatchCoreConfig(precision="bf16").resolved_search(CPU)  # flat on CPUs with native bf16, else pruned
+    search = PatchCoreConfig(precision="bf16").resolved_search(CPU)  # flat on CPUs with AMX, else pruned
     assert f"on cpu in bf16, {search} search" in trained.stdout
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "gray.pt")
     assert checkpoint["resolved_precision"] == checkpoint["config"]["precision"] == "bf16"
