@@ -7,7 +7,8 @@
 
 For each coreset ratio, the reference (../shared/anchors/run_official.py, in its own process, with its own loader
 defaults) and this project (in a fresh process, with its defaults) train on the category and then score its whole
-test set: the same images, weights and settings (resize 256, crop 224, layer2 + layer3, 1024-d, 3x3, 1-NN). Both
+test set: the same images, weights, settings (resize 256, crop 224, layer2 + layer3, 1024-d, 3x3, 1-NN) and device
+(with --device cuda, the reference as its run_patchcore.py --gpu 0 runs: its k-NN in faiss on the CPU). Both
 report in-process stage times, compared like for like: training = feature extraction (image decoding included)
 and coreset (with the bank's index); inference = scores and maps of every test image (decoding included). This
 project's training also sets thresholds from held-out images, work the reference does not do: it has its own
@@ -97,9 +98,12 @@ def project_job(config: PatchCoreConfig, run: EvalConfig, category: str) -> dict
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def anchor_job(anchor: Path, data_path: str, category: str, ratio: float, backbone: str, weights: str) -> dict:
-    """The reference code on the same data, through its runner: its JSON line."""
-    command = [sys.executable, str(anchor), data_path, category, str(ratio), "--backbone", backbone]
+def anchor_job(anchor: Path, data_path: str, category: str, ratio: float, backbone: str, weights: str,
+               device: torch.device) -> dict:
+    """The reference code on the same data and device, through its runner: its JSON line. On a GPU it runs as its
+    run_patchcore.py --gpu 0 would (benchmarks/official_on_device.py)."""
+    on_device = [str(ROOT / "benchmarks" / "official_on_device.py"), str(device)] if device.type == "cuda" else []
+    command = [sys.executable, *on_device, str(anchor), data_path, category, str(ratio), "--backbone", backbone]
     if weights != "imagenet":
         command += ["--weights", weights]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -161,7 +165,7 @@ def main() -> None:
     for name, config in settings:
         start = time.perf_counter()
         reference = anchor_job(args.anchor, run.data_path, run.category, config.coreset_ratio, config.backbone,
-                               config.weights)
+                               config.weights, device)
         for precision in precisions:
             project = in_fresh_process(project_job, dataclasses.replace(config, precision=precision), run,
                                        run.category)

@@ -93,3 +93,18 @@ def test_upscaled_copy_keeps_the_layout_at_the_new_size(data_root: Path, tmp_pat
         assert image.size == (100, 100) and set(np.unique(np.asarray(image))) <= {0, 255}  # nearest: still binary
     again = run_script("benchmarks/upscaled_copy.py", data_root / "tiles", target, cwd=tmp_path)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_the_reference_runs_on_the_device_the_wrapper_names(tmp_path: Path) -> None:
+    """official_on_device.py: the runner's own call for the reference's device returns the one named, and the runner
+    gets its arguments unchanged."""
+    package = tmp_path / "anchors" / "patchcore-inspection" / "src" / "patchcore"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "utils.py").write_text("def set_torch_device(gpu_ids):\n    return 'cpu'\n", encoding="utf-8")
+    runner = tmp_path / "anchors" / "run_official.py"
+    runner.write_text("import sys\nimport patchcore.utils\n"
+                      "print(patchcore.utils.set_torch_device([]), *sys.argv[1:])\n", encoding="utf-8")
+    run = run_script("benchmarks/official_on_device.py", "cuda:1", runner, "data", "bottle", "0.1", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["cuda:1", "data", "bottle", "0.1"]

@@ -17,6 +17,7 @@ def test_throughput_times_the_stream_after_its_first_batch_and_scores_like_evalu
     assert report["test_images"] == NUM_TILES_TEST and report["passes"] == 3
     assert report["timed_images"] == 3 * NUM_TILES_TEST - 4  # every image of the stream but the first batch's
     assert report["images_per_s"] == report["timed_images"] / report["timed_s"] > 0
+    assert report["model_only_images"] == 3 * 4 and report["model_only_images_per_s"] > 0  # passes x first batch
     assert "images/s end to end on cpu" in run.stdout
 
     evaluated = run_script("evaluate.py", *common, "--no_plots", cwd=tmp_path)
