@@ -99,7 +99,7 @@ def project_job(config: PatchCoreConfig, run: EvalConfig, category: str) -> dict
 
 
 def anchor_job(anchor: Path, data_path: str, category: str, ratio: float, backbone: str, weights: str,
-               device: torch.device) -> dict:
+               device: torch.device = torch.device("cpu")) -> dict:
     """The reference code on the same data and device, through its runner: its JSON line. On a GPU it runs as its
     run_patchcore.py --gpu 0 would (benchmarks/official_on_device.py)."""
     on_device = [str(ROOT / "benchmarks" / "official_on_device.py"), str(device)] if device.type == "cuda" else []
