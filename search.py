@@ -1,7 +1,6 @@
 """Nearest-neighbour search of patch features in a memory bank: exact search that prunes with lower bounds (the
-default on GPUs and on CPUs without AMX; faiss on a CPU, torch on a GPU), exact flat search (faiss, on the GPU with
-faiss-gpu, or torch), an inverted-file index for big banks, and a bf16 candidate search with an exact float32
-re-rank (the default on CPUs with AMX)."""
+default on CPUs without AMX), exact flat search (faiss, on the GPU with faiss-gpu, or torch), an inverted-file index
+for big banks, and a bf16 candidate search with an exact float32 re-rank (the default on CPUs with AMX)."""
 from __future__ import annotations
 
 import math
@@ -104,109 +103,12 @@ def _exact_among(bank: np.ndarray, queries: np.ndarray, subsets: np.ndarray, k: 
     return squared, indices
 
 
-class TorchPrunedIndex:
-    """``PrunedFlatIndex``'s exact search in torch, for a bank on a GPU, where each step is one matrix product, top-k
-    or gather on the device: the same bounds on the bank's principal axes, levels, candidates, margin and
-    ``settled`` counts. The bounds and the full search rank entries by products, ||q||^2 - 2 q.b + ||b||^2; the
-    distances returned are computed directly as ||q - b||^2, as the CPU index computes them. On bottle's 16k-entry
-    bank (coreset 10%) the flat search's float32 product was most of an H200's inference time."""
-
-    def __init__(self, bank: torch.Tensor, heads: tuple[int, ...] = (64, 256), candidates: int = 16,
-                 margin: float = 1e-4):
-        self.bank = bank.float().contiguous()
-        size, dim = self.bank.shape
-        self.candidates, self.margin = candidates, margin
-        heads = tuple(h for h in heads if 2 * h < dim) if size > 4 * candidates else ()
-        self.levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        if heads:
-            sample = self.bank[torch.from_numpy(_sample_rows(size)).to(self.bank.device)].cpu().numpy()
-            mean, principal = (torch.from_numpy(a).to(self.bank.device) for a in _principal_axes(sample, max(heads)))
-            self.mean = mean
-            norms = self._centered_norms(self.bank)
-            self.bank_norm = float(norms.max())
-        for head in heads:
-            axes_h = principal[:, :head].contiguous()
-            bounds = self._bounds(self.bank, norms, axes_h)
-            self.levels.append((axes_h, bounds, bounds.square().sum(1)))
-        self.settled = [0] * (len(self.levels) + 1)
-
-    def _centered_norms(self, x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-        """Squared norms of the rows of x around the bank's mean, in float64 (exact enough to subtract)."""
-        mean = self.mean.double()
-        return torch.cat([(part.double() - mean).square().sum(1) for part in x.split(chunk)])
-
-    def _bounds(self, x: torch.Tensor, norms: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
-        """As ``PrunedFlatIndex._bounds``: rows of x as their first coordinates on ``axes`` and the norm of the rest."""
-        head = x @ axes - self.mean @ axes
-        tail = (norms - head.double().square().sum(1)).clamp_min(0).sqrt()
-        return torch.cat([head, tail[:, None].float()], 1)
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared L2 distances (M, k) and bank indices (M, k) of each query's k nearest entries, nearest first."""
-        queries = queries.float().contiguous()
-        k = min(k, len(self.bank))
-        squared = queries.new_empty(len(queries), k)
-        indices = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
-        todo = torch.arange(len(queries), device=queries.device)
-        candidates = self.candidates + k - 1  # k neighbours and as many spares as for k = 1
-        if self.levels:
-            norms = self._centered_norms(queries)
-        for level, (axes, bounds, bound_norms) in enumerate(self.levels):
-            part, part_norms = queries[todo], norms[todo]
-            lower, nearest = nearest_by_products(self._bounds(part, part_norms, axes), bounds, bound_norms,
-                                                 candidates + 1)
-            part_squared, part_indices = direct_among(self.bank, part, nearest[:, :candidates], k)
-            slack = self.margin * (part_norms + self.bank_norm)
-            done = lower[:, candidates] >= part_squared[:, -1] + slack.float()
-            squared[todo[done]], indices[todo[done]] = part_squared[done], part_indices[done]
-            self.settled[level] += int(done.sum())
-            todo = todo[~done]
-        if len(todo):
-            _, nearest = nearest_by_products(queries[todo], self.bank, self.bank.square().sum(1), k)
-            squared[todo], indices[todo] = direct_among(self.bank, queries[todo], nearest, k)
-        self.settled[-1] += len(todo)
-        return squared, indices
-
-
-def nearest_by_products(queries: torch.Tensor, entries: torch.Tensor, entry_norms: torch.Tensor, count: int,
-                        chunk_elements: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` smallest squared distances (M, count), ||q||^2 - 2 q.e + ||e||^2 in float32, and their entry
-    indices, a chunk of queries at a time: about ``chunk_elements`` distances per chunk (2,048 queries against 16k
-    entries: 128 MiB), so the temporaries stay small whatever the number of entries (on a CPU, on bottle's banks,
-    smaller chunks ran as fast or faster; on a 100k bank, chunks four times larger were 10% faster)."""
-    values, indices = [], []
-    for part in queries.split(max(1, min(4096, chunk_elements // len(entries)))):
-        ranked = torch.addmm(entry_norms, part, entries.T, alpha=-2)
-        ranked.add_(part.square().sum(1, keepdim=True))
-        part_values, part_indices = ranked.topk(count, dim=1, largest=False)
-        values.append(part_values)
-        indices.append(part_indices)
-    return torch.cat(values), torch.cat(indices)
-
-
-def direct_among(bank: torch.Tensor, queries: torch.Tensor, subsets: torch.Tensor, k: int,
-                 chunk_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distances and bank indices of the k nearest of each query's ``subsets`` (M, S) of bank rows,
-    computed directly as ||q - b||^2 in float32 (torch: for tensors on a GPU; faiss's ``_exact_among`` on a CPU)."""
-    values, indices = [], []
-    step = max(1, chunk_elements // (subsets.shape[1] * bank.shape[1]))
-    for part, subset in zip(queries.split(step), subsets.split(step)):
-        best = (part[:, None] - bank[subset]).square().sum(2).topk(k, dim=1, largest=False)
-        values.append(best.values)
-        indices.append(subset.gather(1, best.indices))
-    return torch.cat(values), torch.cat(indices)
-
-
-def _sample_rows(size: int, sample_size: int = 16384) -> np.ndarray:
-    """Up to ``sample_size`` evenly spaced row indices of a bank of ``size`` rows: those its axes are taken from."""
-    return np.linspace(0, size - 1, min(size, sample_size)).astype(np.int64)
-
-
-def _principal_axes(bank: np.ndarray, count: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """The mean (D,) and the ``count`` leading principal axes (D, count) of the ``_sample_rows`` of the bank, both
-    float32; the scatter matrix is summed in float64 a chunk of rows at a time, so the bank is never copied whole
-    (at float64, twice its float32 size)."""
-    rows = _sample_rows(len(bank))
+def _principal_axes(bank: np.ndarray, count: int, sample_size: int = 16384,
+                    chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The mean (D,) and the ``count`` leading principal axes (D, count) of up to ``sample_size`` evenly spaced bank
+    rows, both float32; the scatter matrix is summed in float64 a chunk of rows at a time, so the bank is never
+    copied whole (at float64, twice its float32 size)."""
+    rows = np.linspace(0, len(bank) - 1, min(len(bank), sample_size)).astype(np.int64)
     parts = np.array_split(rows, -(-len(rows) // chunk))
     mean = sum(bank[part].sum(0, dtype=np.float64) for part in parts) / len(rows)
     scatter = np.zeros((bank.shape[1],) * 2)
@@ -234,8 +136,8 @@ def _bf16_with_columns(rows: torch.Tensor, columns: torch.Tensor, block: int = 3
 class NearestNeighbours:
     """The k nearest memory-bank entries of query patches, with float32 L2 distances.
 
-    search 'pruned' (the default) is exact: ``PrunedFlatIndex`` on the CPU, ``TorchPrunedIndex`` on a GPU. 'flat' is
-    exact, every query against every entry. 'ivf' clusters the bank
+    search 'pruned' (the default) is exact: ``PrunedFlatIndex`` on the CPU; on a GPU, where the flat search's matrix
+    product is cheap, it runs as 'flat'. 'flat' is exact, every query against every entry. 'ivf' clusters the bank
     into ``ivf_lists(len(bank))`` lists (faiss k-means, seeded) and visits the ``probe`` lists nearest to each query:
     approximate, much faster on big banks. ``bf16`` (flat only) ranks the bank with one bfloat16 product per chunk
     of queries, the entries' norms included, for CPUs and GPUs with native bf16, then re-ranks the ``candidates``
@@ -250,9 +152,7 @@ class NearestNeighbours:
         self.bank = bank.float().contiguous()
         self.bf16, self.candidates, self.index = bf16 and search == "flat", candidates, None
         dim, on_gpu = self.bank.shape[1], self.bank.device.type == "cuda"
-        if search == "pruned" and on_gpu:
-            self.index, self.on_index_device = TorchPrunedIndex(self.bank), True
-            return
+        search = "flat" if search == "pruned" and on_gpu else search
         if self.bf16 or (on_gpu and not hasattr(faiss, "StandardGpuResources") and search == "flat"):
             self.bank_norms = self.bank.square().sum(1)
             self.native_bf16 = on_gpu or cpu_has_native_bf16()
@@ -301,14 +201,18 @@ class NearestNeighbours:
         return squared.clamp_min(0).sqrt(), indices
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact search in float32 (``nearest_by_products``), or bf16 candidates re-ranked in float32, a chunk of
-        queries at a time: about 2^25 distances per chunk (2,048 queries against 16k entries: 64 MiB of bf16
-        products), so the temporaries stay small whatever the bank's size."""
-        if not self.bf16:
-            return nearest_by_products(queries, self.bank, self.bank_norms, k)
+        """Exact search in float32, or bf16 candidates re-ranked in float32, a chunk of queries at a time: about
+        2^25 distances per chunk (2,048 queries against 16k entries: 64 MiB of bf16 products), so the temporaries
+        stay small whatever the bank's size (on bottle's banks, smaller chunks ran as fast or faster; on a 100k
+        bank, chunks four times larger were 10% faster)."""
         values, indices = [], []
         for part in queries.split(max(1, min(4096, 2 ** 25 // len(self.bank)))):
-            squared, nearest = self._rerank(part, self._bf16_candidates(part, k), k)
+            if self.bf16:
+                squared, nearest = self._rerank(part, self._bf16_candidates(part, k), k)
+            else:
+                ranked = torch.addmm(self.bank_norms, part, self.bank.T, alpha=-2)
+                ranked.add_(part.square().sum(1, keepdim=True))
+                squared, nearest = ranked.topk(k, dim=1, largest=False)
             values.append(squared)
             indices.append(nearest)
         return torch.cat(values), torch.cat(indices)
@@ -324,6 +228,7 @@ class NearestNeighbours:
         """Squared distances and bank indices of the k nearest of each query's candidates, computed directly in
         float32."""
         if queries.is_cuda:
-            return direct_among(self.bank, queries, candidates, k)
+            best = (queries[:, None] - self.bank[candidates]).square().sum(2).topk(k, dim=1, largest=False)
+            return best.values, candidates.gather(1, best.indices)
         squared, nearest = _exact_among(self.bank.numpy(), queries.numpy(), candidates.numpy(), k)
         return torch.from_numpy(squared), torch.from_numpy(nearest)

@@ -5,7 +5,6 @@ import copy
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,7 @@ from coreset import FeatureStore, Projection, choose_coreset
 from dataset import MVTecDataset, make_loader
 from metrics import image_auroc
 from patchcore import PatchCore
-from search import NearestNeighbours, TorchPrunedIndex
-from test_search import correlated
+from search import NearestNeighbours
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
@@ -42,17 +40,6 @@ def test_search_on_the_gpu_equals_the_cpu(search: str, bf16: bool) -> None:
     assert distances.device.type == "cuda"
     assert (indices.cpu() == want_indices).float().mean() > 0.99
     torch.testing.assert_close(distances.cpu(), want_distances, rtol=1e-3, atol=1e-3)
-
-
-def test_pruned_search_on_the_gpu_is_settled_by_the_bounds_like_the_cpu() -> None:
-    generator = np.random.default_rng(0)
-    bank, queries = (torch.from_numpy(correlated(rows, generator)) for rows in (3000, 400))
-    want_distances, want_indices = NearestNeighbours(bank).search(queries, 1)
-    neighbours = NearestNeighbours(bank.to(GPU))
-    distances, indices = neighbours.search(queries.to(GPU), 1)
-    assert isinstance(neighbours.index, TorchPrunedIndex) and neighbours.index.settled[-1] < len(queries) / 4
-    assert (indices.cpu() == want_indices).float().mean() > 0.99
-    torch.testing.assert_close(distances.cpu(), want_distances, rtol=1e-4, atol=1e-4)
 
 
 def test_feature_store_on_disk_serves_gpu_rows() -> None:

@@ -1,28 +1,12 @@
 """The pruned exact search against brute force in float64: the same neighbours, whether the lower bounds settle a
-query at a level or the full flat search has to; in faiss (the CPU's) and in torch (the GPU's, run here on the CPU)."""
+query at a level or the full flat search has to."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from search import NearestNeighbours, PrunedFlatIndex, TorchPrunedIndex
-
-
-class TorchOnArrays:
-    """TorchPrunedIndex with PrunedFlatIndex's arrays in and out, so that one set of tests checks both."""
-
-    def __init__(self, bank: np.ndarray):
-        self.index = TorchPrunedIndex(torch.from_numpy(bank))
-        self.levels, self.settled = self.index.levels, self.index.settled
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(t.numpy() for t in self.index.search(torch.from_numpy(queries), k))
-
-
-@pytest.fixture(params=[PrunedFlatIndex, TorchOnArrays], ids=["faiss", "torch"])
-def pruned_index(request: pytest.FixtureRequest) -> type:
-    return request.param
+from search import NearestNeighbours, PrunedFlatIndex
 
 
 def brute_force(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,31 +35,30 @@ def assert_same_neighbours(bank: np.ndarray, queries: np.ndarray, squared: np.nd
 
 @pytest.mark.parametrize("k", [1, 3, 20])
 @pytest.mark.parametrize("offset", [0.0, 10.0])  # 10: norms 10x those around the mean, which the bounds subtract
-def test_correlated_features_are_settled_by_the_bounds_with_the_exact_neighbours(k: int, offset: float,
-                                                                                pruned_index: type) -> None:
+def test_correlated_features_are_settled_by_the_bounds_with_the_exact_neighbours(k: int, offset: float) -> None:
     generator = np.random.default_rng(0)
     bank, queries = correlated(3000, generator) + offset, correlated(400, generator) + offset
-    index = pruned_index(bank)
+    index = PrunedFlatIndex(bank)
     squared, indices = index.search(queries, k)
     assert_same_neighbours(bank, queries, squared, indices, k)
     assert sum(index.settled) == len(queries)
     assert index.settled[-1] < len(queries) / 4  # the bounds did the work, not the full search
 
 
-def test_isotropic_features_fall_back_to_the_full_search_with_the_exact_neighbours(pruned_index: type) -> None:
+def test_isotropic_features_fall_back_to_the_full_search_with_the_exact_neighbours() -> None:
     generator = np.random.default_rng(1)
     bank = generator.standard_normal((2000, 1024)).astype(np.float32)
     queries = generator.standard_normal((300, 1024)).astype(np.float32)
-    index = pruned_index(bank)
+    index = PrunedFlatIndex(bank)
     squared, indices = index.search(queries, 2)
     assert_same_neighbours(bank, queries, squared, indices, 2)
     assert index.settled[-1] > len(queries) / 2  # no axis holds the distances: the bounds are weak
 
 
-def test_a_bank_of_few_entries_is_searched_in_full(pruned_index: type) -> None:
+def test_a_bank_of_few_entries_is_searched_in_full() -> None:
     generator = np.random.default_rng(2)
     bank, queries = correlated(10, generator, dim=64), correlated(50, generator, dim=64)
-    index = pruned_index(bank)
+    index = PrunedFlatIndex(bank)
     assert index.levels == []
     squared, indices = index.search(queries, 9)
     assert_same_neighbours(bank, queries, squared, indices, 9)
