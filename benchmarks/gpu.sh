@@ -9,7 +9,8 @@
 #           tests check the CPU paths, as on any machine: tests/conftest.py hides the GPU from them)
 #   BENCH   benchmarks/bench.py --device cuda at coreset 1% and 10%, and wide_resnet50_2 (random weights) at 1%,
 #           against the reference run by ANCHOR (default ../shared/anchors/run_official.py) on the same GPU
-#   CLI     train.py and evaluate.py at 1% and 10%, then benchmarks/throughput.py (PASSES copies of the test set)
+#   CLI     train.py and evaluate.py at 1% and 10%, then benchmarks/throughput.py (PASSES copies of the test set),
+#           its profile of the model alone appended to the log
 # OUT (default results/gpu) gets the log and JSON results, at most seven files; checkpoints and maps go to a
 # temporary folder. DEVICE=cpu runs the same steps on the CPU (a dry run of this script).
 # Needs torch with CUDA and faiss (faiss-gpu for faiss's GPU index; with faiss-cpu the k-NN runs in torch on the GPU).
@@ -69,7 +70,8 @@ if [ "${CLI:-1}" != 0 ]; then
             --checkpoint_dir "$work/checkpoints_$ratio" --results_dir "$work/results_$ratio" --no_plots
         timed "throughput.py at $ratio" python3 benchmarks/throughput.py --device "$device" --category "$category" \
             --checkpoint_dir "$work/checkpoints_$ratio" --results_dir "$work/results_$ratio" --batch_size 64 \
-            --num_workers "$workers" --passes "${PASSES:-20}"
+            --num_workers "$workers" --passes "${PASSES:-20}" --profile
+        cat "$work/results_$ratio/profile_$category.txt" >>"$log" 2>/dev/null || true
         cp "$work/results_$ratio/summary.json" "$out/summary_$ratio.json" 2>/dev/null || true
         cp "$work/results_$ratio/throughput_$category.json" "$out/throughput_$ratio.json" 2>/dev/null || true
     done

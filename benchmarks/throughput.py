@@ -8,7 +8,8 @@ scores the test set --passes times over as one stream through one loader: decodi
 transfer, features, k-NN, and image scores and maps copied back to the host. The clock starts when the first
 batch of the stream has been scored, so that the loader's start is not counted: what a camera line feeding the
 model without pause gets. Last, the model alone: the first batch, already on the device, scored --passes times
-(no decoding, no transfer of images). Results: <results_dir>/throughput_<category>.json.
+(no decoding, no transfer of images), and with --profile three more such batches under torch's profiler.
+Results: <results_dir>/throughput_<category>.json (and profile_<category>.txt).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity  # noqa: E402
 from torch.utils.data import ConcatDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -50,18 +52,33 @@ def stream_throughput(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, 
     return {"timed_images": images, "timed_s": seconds, "images_per_s": images / seconds}
 
 
-def model_throughput(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, repeats: int) -> dict:
+def model_throughput(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, repeats: int,
+                     profile: Path | None = None) -> dict:
     """Images per second of the model alone: the test set's first batch, already on the device, scored ``repeats``
     times, its scores and maps copied back to the host. Beside the stream's rate, it tells how much decoding and
-    transfer cost."""
+    transfer cost. With ``profile``, three more repeats run under torch's profiler: its table of operators by their
+    own time on the device (on a CPU, by their own CPU time) goes to that file."""
     images = next(iter(make_loader(dataset, run.batch_size, 0, model.device)))["image"].to(model.device)
-    model.predict(images)  # this batch size's first-call costs
-    start = time.perf_counter()
-    for _ in range(repeats):
+
+    def score() -> None:
         scores, maps = model.predict(images)
         scores.cpu()
         maps.cpu()
+
+    score()  # this batch size's first-call costs
+    start = time.perf_counter()
+    for _ in range(repeats):
+        score()
     seconds = time.perf_counter() - start
+    if profile is not None:
+        on_gpu = model.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(3):
+                score()
+        table = profiler.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
+                                              row_limit=30)
+        atomic_write_text(profile, f"{len(images)} images a batch, 3 batches\n{table}\n")
     return {"model_only_images": repeats * len(images), "model_only_images_per_s": repeats * len(images) / seconds}
 
 
@@ -69,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, EvalConfig)
     parser.add_argument("--passes", type=int, default=10, help="copies of the test set in the timed stream")
+    parser.add_argument("--profile", action="store_true", help="also profile the model alone (torch.profiler): its "
+                                                               "operators' times to <results_dir>/profile_<category>.txt")
     args = parser.parse_args()
     run = from_arguments(EvalConfig, args)
     if run.category == "all" or args.passes < 1:
@@ -89,7 +108,8 @@ def main() -> None:
               "test_images": len(dataset), "warm_up_s": warm_up.seconds, "image_auroc": metrics["image_auroc"],
               "pixel_auroc": metrics["pixel_auroc"], "passes": args.passes,
               **stream_throughput(model, dataset, run, args.passes),
-              **model_throughput(model, dataset, run, args.passes)}
+              **model_throughput(model, dataset, run, args.passes,
+                                 Path(run.results_dir) / f"profile_{run.category}.txt" if args.profile else None)}
     pixel = None if metrics["pixel_auroc"] is None else round(metrics["pixel_auroc"], 4)
     path = Path(run.results_dir) / f"throughput_{run.category}.json"
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")

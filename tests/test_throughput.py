@@ -11,8 +11,11 @@ def test_throughput_times_the_stream_after_its_first_batch_and_scores_like_evalu
                                                                                       tmp_path: Path) -> None:
     common = ["--checkpoint_dir", trained_tiles.checkpoint_dir, "--category", "tiles", "--device", "cpu",
               "--results_dir", tmp_path]
-    run = run_script("benchmarks/throughput.py", *common, "--passes", "3", "--batch_size", "4", cwd=tmp_path)
+    run = run_script("benchmarks/throughput.py", *common, "--passes", "3", "--batch_size", "4", "--profile",
+                     cwd=tmp_path)
     assert run.returncode == 0, run.stderr
+    profile = (tmp_path / "profile_tiles.txt").read_text(encoding="utf-8")
+    assert profile.startswith("4 images a batch, 3 batches") and "aten::conv2d" in profile
     report = json.loads((tmp_path / "throughput_tiles.json").read_text(encoding="utf-8"))
     assert report["test_images"] == NUM_TILES_TEST and report["passes"] == 3
     assert report["timed_images"] == 3 * NUM_TILES_TEST - 4  # every image of the stream but the first batch's
