@@ -36,14 +36,19 @@ from evaluate import category_metrics, predict  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
 
 
+def score_to_host(model: PatchCore, images: torch.Tensor) -> None:
+    """Scores and maps of ``images``, copied back to the host as evaluate.py copies them."""
+    scores, maps = model.predict(images)
+    scores.cpu()
+    maps.cpu()
+
+
 def stream_throughput(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, passes: int) -> dict:
     """Images per second over ``passes`` copies of ``dataset`` in one loader, from its second batch on."""
     loader = make_loader(ConcatDataset([dataset] * passes), run.batch_size, run.num_workers, model.device)
     images, start = 0, None
     for batch in tqdm(loader, desc="stream", unit="batch"):
-        scores, maps = model.predict(batch["image"])
-        scores.cpu()  # the host copies evaluate.py makes; they also wait for the device
-        maps.cpu()
+        score_to_host(model, batch["image"])  # the copies also wait for the device
         if start is None:
             start = time.perf_counter()
         else:
@@ -52,34 +57,33 @@ def stream_throughput(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, 
     return {"timed_images": images, "timed_s": seconds, "images_per_s": images / seconds}
 
 
-def model_throughput(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, repeats: int,
-                     profile: Path | None = None) -> dict:
-    """Images per second of the model alone: the test set's first batch, already on the device, scored ``repeats``
-    times, its scores and maps copied back to the host. Beside the stream's rate, it tells how much decoding and
-    transfer cost. With ``profile``, three more repeats run under torch's profiler: its table of operators by their
-    own time on the device (on a CPU, by their own CPU time) goes to that file."""
-    images = next(iter(make_loader(dataset, run.batch_size, 0, model.device)))["image"].to(model.device)
+def first_batch(model: PatchCore, dataset: MVTecDataset, run: EvalConfig) -> torch.Tensor:
+    """The test set's first batch of images, on the model's device."""
+    return next(iter(make_loader(dataset, run.batch_size, 0, model.device)))["image"].to(model.device)
 
-    def score() -> None:
-        scores, maps = model.predict(images)
-        scores.cpu()
-        maps.cpu()
 
-    score()  # this batch size's first-call costs
+def model_throughput(model: PatchCore, images: torch.Tensor, repeats: int) -> dict:
+    """Images per second of the model alone: ``images``, already on the device, scored ``repeats`` times. Beside
+    the stream's rate, it tells how much decoding and transfer cost."""
+    score_to_host(model, images)  # this batch size's first-call costs
     start = time.perf_counter()
     for _ in range(repeats):
-        score()
+        score_to_host(model, images)
     seconds = time.perf_counter() - start
-    if profile is not None:
-        on_gpu = model.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with torch.profiler.profile(activities=activities) as profiler:
-            for _ in range(3):
-                score()
-        table = profiler.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
-                                              row_limit=30)
-        atomic_write_text(profile, f"{len(images)} images a batch, 3 batches\n{table}\n")
     return {"model_only_images": repeats * len(images), "model_only_images_per_s": repeats * len(images) / seconds}
+
+
+def profile_model(model: PatchCore, images: torch.Tensor, path: Path) -> None:
+    """``images`` scored three times under torch's profiler: its table of operators by their own time on the
+    device (on a CPU, by their own CPU time) to ``path``."""
+    on_gpu = model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(3):
+            score_to_host(model, images)
+    table = profiler.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
+                                          row_limit=30)
+    atomic_write_text(path, f"{len(images)} images a batch, 3 batches\n{table}\n")
 
 
 def main() -> None:
@@ -107,9 +111,9 @@ def main() -> None:
               "loader_workers": auto_workers(device, dataset) if run.num_workers < 0 else run.num_workers,
               "test_images": len(dataset), "warm_up_s": warm_up.seconds, "image_auroc": metrics["image_auroc"],
               "pixel_auroc": metrics["pixel_auroc"], "passes": args.passes,
-              **stream_throughput(model, dataset, run, args.passes),
-              **model_throughput(model, dataset, run, args.passes,
-                                 Path(run.results_dir) / f"profile_{run.category}.txt" if args.profile else None)}
+              **stream_throughput(model, dataset, run, args.passes)}
+    images = first_batch(model, dataset, run)
+    report.update(model_throughput(model, images, args.passes))
     pixel = None if metrics["pixel_auroc"] is None else round(metrics["pixel_auroc"], 4)
     path = Path(run.results_dir) / f"throughput_{run.category}.json"
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
@@ -118,6 +122,8 @@ def main() -> None:
           f"batch {run.batch_size}, {report['loader_workers']} decoding workers; the model alone "
           f"{report['model_only_images_per_s']:.1f} images/s; warm-up pass {warm_up.seconds:.2f} s, "
           f"image AUROC {metrics['image_auroc']:.4f}, pixel AUROC {pixel}) -> {path}")
+    if args.profile:  # after the figures are written: a profiler that fails on some machine costs only itself
+        profile_model(model, images, Path(run.results_dir) / f"profile_{run.category}.txt")
 
 
 if __name__ == "__main__":
