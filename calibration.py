@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from config import UserError
+
 EULER_GAMMA = 0.5772156649015329
 
 
@@ -64,7 +66,10 @@ class Calibration:
 
 def calibrate(image_scores: np.ndarray, map_maxima: np.ndarray, false_alarm_rate: float, source: str,
               images: list[str]) -> Calibration:
-    """The image and pixel thresholds for ``false_alarm_rate`` from the scores and map maxima of good images."""
+    """The image and pixel thresholds for ``false_alarm_rate`` from the scores and map maxima of good images;
+    UserError when a score is not a finite number (a threshold from it would pass or flag everything)."""
+    if not (np.isfinite(image_scores).all() and np.isfinite(map_maxima).all()):
+        raise UserError(f"{source} images score NaN or infinite: the thresholds cannot be set; check the weights")
     image_threshold, rule = threshold_at(image_scores, false_alarm_rate)
     pixel_threshold, _ = threshold_at(map_maxima, false_alarm_rate)
     return Calibration(source, tuple(images), false_alarm_rate, image_threshold, pixel_threshold, rule,

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, get_type_hints
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any, Callable, get_type_hints
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is resolved: predict_exported.py runs without it
+    import torch
 
 DATA_PATH_ENV = "MVTEC_AD_PATH"
 DEFAULT_DATA_PATH = "data/mvtec_ad"
@@ -32,8 +37,63 @@ class UserError(Exception):
         return message if separator and " " not in prefix else last_line
 
 
+Check = tuple[Callable[[Any], bool], str]  # a value's test and the rule it states, e.g. "at least 1"
+
+
+def at_least(low: float) -> Check:
+    return (lambda value: value >= low), f"at least {low}"
+
+
+def within(low: float, high: float, closed_high: bool = False) -> Check:
+    """The open interval (low, high), or (low, high] with ``closed_high``."""
+    if closed_high:
+        return (lambda value: low < value <= high), f"in ({low}, {high}]"
+    return (lambda value: low < value < high), f"in ({low}, {high})"
+
+
+POSITIVE: Check = ((lambda value: value > 0), "positive")
+ODD: Check = ((lambda value: value >= 1 and value % 2 == 1), "odd and positive")
+
+
+def plain_name(name: str) -> str:
+    """A category name as given, without trailing slashes; UserError unless it is a plain folder name (no
+    separators, not '.' or '..'), so that it cannot name a checkpoint or results folder outside its own."""
+    stripped = name.rstrip("/\\") or name
+    if (stripped in ("", ".", "..") or "\0" in stripped
+            or PurePosixPath(stripped).name != stripped or PureWindowsPath(stripped).name != stripped):
+        raise UserError(f"--category '{name}' is not a plain folder name (no '/', '\\' or '..'): pass the name of "
+                        f"a folder in the data path, as it is listed there")
+    return stripped
+
+
 def _option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A settings field: its default, its --help text, and optionally 'choices', a 'check' (a Check every value
+    must pass, at parse time and in validate()), 'positional'."""
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+def check_fields(config: Any) -> None:
+    """UserError for the first field of a settings dataclass whose value breaks its choices or check (a float
+    must also be finite: nan and inf pass no range test by accident)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None or isinstance(value, (tuple, bool)):
+            continue
+        problem = _problem(value, f.metadata)
+        if problem:
+            raise UserError(f"--{f.name} {problem}")
+
+
+def _problem(value: Any, metadata: dict) -> str | None:
+    """What is wrong with ``value`` for a field with this metadata ('must be ..., got ...'), or None."""
+    choices, check = metadata.get("choices"), metadata.get("check")
+    if choices and value not in choices:
+        return f"takes one of {', '.join(choices)}, got '{value}'"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if check and not check[0](value):
+        return f"must be {check[1]}, got {value}"
+    return None
 
 
 @dataclass
@@ -43,31 +103,35 @@ class PatchCoreConfig:
     backbone: str = _option("wide_resnet50_2", f"ImageNet backbone: {', '.join(BACKBONES)}")
     weights: str = _option("imagenet", "'imagenet' (torchvision download/cache), 'none' (random), or a state-dict file")
     layers: tuple[str, ...] = _option(("layer2", "layer3"), "backbone stages whose features are used")
-    resize: int = _option(256, "images are resized to resize x resize ...")
-    image_size: int = _option(224, "... then center-cropped to image_size x image_size")
-    patch_size: int = _option(3, "neighbourhood of the local feature aggregation")
-    embedding_dim: int = _option(1024, "dimension of the patch features")
-    coreset_ratio: float = _option(0.25, "fraction of training patches kept in the memory bank, in (0, 1]")
-    projection_dim: int = _option(128, "random projection used to choose the coreset")
-    k: int = _option(1, "nearest neighbours for scoring; k > 1 adds the paper's image-score reweighting (Eq. 7)")
-    blur_sigma: float = _option(4.0, "Gaussian smoothing of the anomaly maps, in pixels")
+    resize: int = _option(256, "images are resized to resize x resize ...", check=at_least(1))
+    image_size: int = _option(224, "... then center-cropped to image_size x image_size", check=at_least(1))
+    patch_size: int = _option(3, "neighbourhood of the local feature aggregation", check=ODD)
+    embedding_dim: int = _option(1024, "dimension of the patch features", check=at_least(1))
+    coreset_ratio: float = _option(0.25, "fraction of training patches kept in the memory bank, in (0, 1]",
+                                   check=within(0, 1, closed_high=True))
+    projection_dim: int = _option(128, "random projection used to choose the coreset", check=at_least(1))
+    k: int = _option(1, "nearest neighbours for scoring; k > 1 adds the paper's image-score reweighting (Eq. 7)",
+                     check=at_least(1))
+    blur_sigma: float = _option(4.0, "Gaussian smoothing of the anomaly maps, in pixels", check=at_least(0))
     seed: int = _option(0, "seed of the random projection, coreset start points, random weights and calibration split")
     false_alarm_rate: float = _option(0.01, "target share of good images flagged: sets the stored image and pixel "
-                                            "thresholds from good images only")
+                                            "thresholds from good images only", check=within(0, 1))
     calibration_fraction: float = _option(0.2, "share of train/good held out to set the thresholds when the category "
-                                               "has no validation/good folder; the memory bank still uses every image")
+                                               "has no validation/good folder; the memory bank still uses every image",
+                                  check=within(0, 1))
     coreset: str = _option("auto", "'exact' greedy coreset, 'sharded' (greedy on random shards of at most "
                                    "--coreset_shard_size patches, merged: far faster on big sets), or 'auto' "
                                    "(sharded above that size)", choices=CORESET_MODES)
     coreset_shard_size: int = _option(4_000_000, "training patches above which 'auto' shards the coreset (about 5,100 "
-                                                 "images at 224 px)")
+                                                 "images at 224 px)", check=at_least(1))
     search: str = _option("auto", "nearest-neighbour search: 'pruned' (exact; lower bounds on the bank's principal "
                                   "axes skip most distances), 'flat' (exact, every distance; under bf16, bf16 "
                                   "candidates re-ranked in fp32), 'ivf' (faiss inverted file: approximate, for banks "
                                   "of 100k+ entries), or 'auto': 'flat' where bf16 runs on a CPU with AMX (faster "
                                   "there than 'pruned', not always the exact neighbour), 'pruned' elsewhere",
                           choices=SEARCHES)
-    ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)")
+    ivf_probe: int = _option(8, "with --search ivf: inverted lists visited per query (more: closer to exact, slower)",
+                             check=at_least(1))
     precision: str = _option("auto", "'fp32', 'bf16' (the backbone's layer2 and layer3 under bf16 autocast, its "
                                      "stem and layer1 in fp32; with --search flat also a bf16 k-NN candidate "
                                      "search re-ranked in fp32), 'fp16' (backbone under fp16 autocast), or "
@@ -82,30 +146,12 @@ class PatchCoreConfig:
         """Raise UserError for settings that cannot work."""
         if self.backbone not in BACKBONES:
             raise UserError(f"unknown backbone '{self.backbone}': choose one of {', '.join(BACKBONES)}")
-        if not 0 < self.coreset_ratio <= 1:
-            raise UserError(f"--coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        check_fields(self)
         bad_layers = [name for name in self.layers if name not in ("layer1", "layer2", "layer3", "layer4")]
         if bad_layers or not self.layers:
             raise UserError(f"--layers takes names from layer1..layer4, got {' '.join(self.layers)}")
-        if not 0 < self.image_size <= self.resize:
-            raise UserError(f"--image_size ({self.image_size}) must be positive and at most --resize ({self.resize})")
-        if self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise UserError(f"--patch_size must be odd and positive, got {self.patch_size}")
-        for name in ("embedding_dim", "projection_dim", "k"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.blur_sigma < 0:
-            raise UserError(f"--blur_sigma must be >= 0, got {self.blur_sigma}")
-        for name in ("false_alarm_rate", "calibration_fraction"):
-            if not 0 < getattr(self, name) < 1:
-                raise UserError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{f.name} takes one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
-        for name in ("coreset_shard_size", "ivf_probe"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size > self.resize:
+            raise UserError(f"--image_size ({self.image_size}) must be at most --resize ({self.resize})")
 
     def resolved_precision(self, device: torch.device) -> str:
         """The precision 'auto' stands for on ``device``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
@@ -154,11 +200,22 @@ class RunConfig:
     category: str = _option("all", "a category folder name, or 'all' for every folder with train/good")
     checkpoint_dir: str = _option("checkpoints", "where the memory banks are")
     device: str = _option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
-    batch_size: int = _option(32, "images per batch")
+    batch_size: int = _option(32, "images per batch", check=at_least(1))
     num_workers: int = _option(-1, "image-decoding worker processes; -1: none on a CPU device of at most 4 cores "
-                                   "(they would compete with the backbone's threads), else min(4, cores)")
+                                   "(they would compete with the backbone's threads), else min(4, cores)",
+                               check=at_least(-1))
+
+    def __post_init__(self) -> None:
+        if self.category not in ("", "all"):
+            self.category = plain_name(self.category)
+
+    def validate(self) -> None:
+        """Raise UserError for run settings that cannot work."""
+        check_fields(self)
 
     def resolved_device(self) -> torch.device:
+        import torch  # noqa: PLC0415  (see the import at the top)
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -195,7 +252,7 @@ class EvalConfig(RunConfig):
     data_path: str | None = _option(None, "MVTec-layout data root (default: the one stored in the checkpoint)")
     results_dir: str = _option("results", "where summary.json, plots and maps go")
     max_maps: int = _option(10, "anomaly-map pictures per category: this many highest-scored good and "
-                                "lowest-scored defective images; 0 writes every test image")
+                                "lowest-scored defective images; 0 writes every test image", check=at_least(0))
     no_plots: bool = _option(False, "skip all pictures (plots and maps)")
 
 
@@ -209,11 +266,19 @@ class PredictConfig(RunConfig):
     maps: str | None = _option(None, "folder for overlay pictures (image, heat map, region) of the anomalous images")
     all_maps: bool = _option(False, "with --maps: a picture for every image, not only the anomalous ones")
     threshold: float | None = _option(None, "image-score threshold instead of the stored one (the pixel threshold "
-                                            "scales with it)")
+                                            "scales with it)", check=POSITIVE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: a usage mistake is one line on stderr ('error: ...'), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one --flag per dataclass field (a positional argument where the field says so), with default and help."""
+    """Add one --flag per dataclass field (a positional argument where the field says so), with default and help;
+    a value outside the field's choices or check is a usage error when the flags are parsed."""
     hints = get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         flag, default, help_text = f"--{f.name}", f.default, f.metadata["help"]
@@ -226,10 +291,28 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         elif hint == tuple[str, ...]:
             parser.add_argument(flag, nargs="+", default=list(default), help=f"{help_text} (default: {' '.join(default)})")
         else:
-            kind = {int: int, float: float}.get(hint, str)
             shown = "" if default in (None, "") else f" (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                                help=help_text + shown)
+            parser.add_argument(flag, type=_parser_of(hint, f.metadata), default=default,
+                                choices=f.metadata.get("choices"), help=help_text + shown)
+
+
+def _parser_of(hint: Any, metadata: dict) -> Callable[[str], Any]:
+    """argparse's type function for a field: the value converted to the field's type and checked."""
+    kind = {int: int, float: float}.get(hint, str)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"'{text}'") from None
+        problem = None if metadata.get("choices") else _problem(value, metadata)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its messages
+    return parse
 
 
 def _without_none(hint: Any) -> Any:
@@ -244,14 +327,28 @@ def from_arguments(config_class: type, args: argparse.Namespace) -> Any:
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the interrupted command kept (e.g. where its partial results are)."""
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a CLI entry point: user errors become one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run a CLI entry point: user errors become one line on stderr and exit code 2; Ctrl-C, and SIGTERM (a
+    scheduler's time limit, a service stop), exit code 130 after the command's own clean-up."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: checkpoints and results written so far are complete; nothing half-written was kept",
-              file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        kept = str(interruption) or "checkpoints and results written so far are complete; nothing half-written was kept"
+        print(f"interrupted: {kept}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

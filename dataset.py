@@ -2,7 +2,6 @@
 ground_truth/<type>/<name>_mask.png}) and unlabelled images to inspect."""
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from config import UserError
+from images import FULL_SCALE, IMAGE_SUFFIXES, checked_pixels, image_size, read_pixels
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GOOD = "good"
@@ -87,63 +86,6 @@ def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
-# Pillow modes of 8-bit data, read as Pillow's convert("RGB") gives them; and those of deeper data, read as stored.
-_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-_DEEP_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
-# The dtypes image_tensor takes (besides bool), by the value that stands for full brightness.
-_FULL_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1, "float64": 1}
-
-
-def read_pixels(path: str | Path) -> np.ndarray:
-    """An image file's pixels at their real value range, as image_tensor takes them: (H, W, 1) gray or (H, W, 3) RGB.
-
-    By Pillow mode:
-      L -> uint8 gray (one channel, the same values as its RGB);
-      1, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV -> uint8 RGB by Pillow's convert("RGB")
-          (palette to its colours, alpha dropped);
-      I;16, I;16L, I;16B, I;16N (16-bit gray PNG, TIFF) -> uint16;
-      I (32-bit integer: int TIFFs, and 16-bit PNGs in some Pillow versions) -> uint16 if all within 0..65535;
-      F (32-bit float TIFF) -> float32 if all finite and within [0, 1].
-    Anything else (another mode, values out of range) is a UserError naming the file, as is an unreadable file.
-    Pillow itself decodes 16-bit colour PNG and TIFF to 8-bit RGB.
-    """
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-            if mode in _EIGHT_BIT_MODES and mode != "L":  # L stays one channel: resized once, not thrice
-                # La (premultiplied alpha) converts to RGB only by way of LA
-                image = (image.convert("LA") if mode == "La" else image).convert("RGB")
-            pixels = np.asarray(image)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise UserError(f"cannot read image '{path}' ({err}): replace or remove the file") from None
-    try:
-        if mode not in _EIGHT_BIT_MODES and mode not in _DEEP_MODES:
-            raise ValueError("unsupported mode: save it as 8-bit gray or colour, or as 16-bit gray")
-        if mode == "I":
-            if pixels.min() < 0 or pixels.max() > 65535:
-                raise ValueError(f"32-bit integer values span {pixels.min()} to {pixels.max()}, beyond 16 bit "
-                                 "(0 to 65535), so their full scale is unknown: save it as an 8- or 16-bit image")
-            pixels = pixels.astype(np.uint16)
-        return _checked(pixels)
-    except ValueError as err:
-        raise UserError(f"cannot read image '{path}' (mode {mode}): {err}") from None
-
-
-def _checked(pixels: np.ndarray) -> np.ndarray:
-    """``pixels`` as (H, W, 1) or (H, W, 3) (alpha dropped, bool as uint8 0 / 255) once they are an image that
-    image_tensor takes; a ValueError saying what is wrong otherwise."""
-    if not (pixels.ndim in (2, 3) and min(pixels.shape[:2]) > 0 and pixels.shape[2:] in ((), (1,), (3,), (4,))):
-        raise ValueError(f"shape {pixels.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
-    if pixels.dtype == np.bool_:
-        pixels = pixels.astype(np.uint8) * 255
-    if pixels.dtype.name not in _FULL_SCALE:
-        raise ValueError(f"dtype {pixels.dtype} is not uint8, uint16, bool, float32 or float64")
-    if pixels.dtype.kind == "f" and not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
-        raise ValueError(f"float values must be finite and within [0, 1], these span {pixels.min():g} to "
-                         f"{pixels.max():g}: rescale them to [0, 1], or use 8- or 16-bit integers")
-    return pixels.reshape(*pixels.shape[:2], -1)[:, :, :3]
-
-
 def _center_crop(planes: torch.Tensor, image_size: int) -> torch.Tensor:
     offset = (planes.shape[-1] - image_size) // 2
     return planes[..., offset:offset + image_size, offset:offset + image_size]
@@ -160,10 +102,10 @@ def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tens
     round after each of its two passes, up to 1/255 per pixel, which moved some magnetic-tile image scores by 2%.
     """
     try:
-        pixels = _checked(pixels)
+        pixels = checked_pixels(pixels)
     except ValueError as err:
         raise UserError(f"cannot use pixel array: {err}") from None
-    unit = torch.from_numpy(pixels.astype(np.float32)).div_(_FULL_SCALE[pixels.dtype.name]).permute(2, 0, 1)
+    unit = torch.from_numpy(pixels.astype(np.float32)).div_(FULL_SCALE[pixels.dtype.name]).permute(2, 0, 1)
     resized = F.interpolate(unit[None], size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
     return (_center_crop(resized[0], image_size).expand(3, -1, -1) - _MEAN) / _STD
 
@@ -178,7 +120,12 @@ def load_image(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
 def load_mask(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
     """A ground-truth mask (defect where any value > 0, at any bit depth) with the same geometry as load_image
     (nearest neighbour), as bool."""
-    defect = Image.fromarray((read_pixels(path) > 0).any(axis=2)).resize((resize, resize), Image.Resampling.NEAREST)
+    return mask_tensor(read_pixels(path), resize, image_size)
+
+
+def mask_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
+    """A mask's pixels (H, W, C) as load_mask gives them."""
+    defect = Image.fromarray((pixels > 0).any(axis=2)).resize((resize, resize), Image.Resampling.NEAREST)
     return _center_crop(torch.from_numpy(np.array(defect)), image_size)
 
 
@@ -199,17 +146,26 @@ class MVTecDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
+        pixels = read_pixels(sample.path)
         if sample.mask_path is not None:
-            mask = load_mask(sample.mask_path, self.resize, self.image_size)
+            mask_pixels = read_pixels(sample.mask_path)
+            if mask_pixels.shape[:2] != pixels.shape[:2]:
+                raise UserError(f"mask '{sample.mask_path}' is {_size(mask_pixels)} pixels, its image '{sample.path}' "
+                                f"{_size(pixels)}: a mask must have its image's size (and orientation)")
+            mask = mask_tensor(mask_pixels, self.resize, self.image_size)
         else:
             mask = torch.zeros(self.image_size, self.image_size, dtype=torch.bool)
         return {
-            "image": load_image(sample.path, self.resize, self.image_size),
+            "image": image_tensor(pixels, self.resize, self.image_size),
             "mask": mask,
             "label": sample.label,
             "has_mask": sample.mask_path is not None or sample.label == 0,
             "index": index,
         }
+
+
+def _size(pixels: np.ndarray) -> str:
+    return f"{pixels.shape[1]} x {pixels.shape[0]}"
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -241,43 +197,14 @@ def _large_images(dataset: Dataset | None) -> bool:
         first = dataset.paths[0]
     else:
         return False
-    try:
-        with Image.open(first) as image:
-            width, height = image.size
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False  # the loader names the file when it reads it
-    return width * height > LARGE_IMAGE * dataset.image_size**2
-
-
-def expand_paths(patterns: Sequence[str]) -> list[Path]:
-    """The image files named by ``patterns``, each once, in order: a file as it is, a folder's images recursively
-    (sorted, hidden entries skipped), a glob pattern's matching images and folders; UserError when one names nothing."""
-    files: dict[Path, None] = {}
-    for pattern in patterns:
-        if any(character in pattern for character in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
-            matches = [m for m in matches if m.is_dir() or m.suffix.lower() in IMAGE_SUFFIXES]
-            if not matches:
-                raise UserError(f"no image or folder matches '{pattern}'")
-        elif Path(pattern).exists():
-            matches = [Path(pattern)]
-        else:
-            raise UserError(f"'{pattern}' does not exist: pass image files, folders or glob patterns")
-        for match in matches:
-            files.update(dict.fromkeys(_images_under(match) if match.is_dir() else [match]))
-    if not files:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(patterns)}")
-    return list(files)
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    size = image_size(first)  # None when unreadable: the loader names the file when it reads it
+    return size is not None and size[0] * size[1] > LARGE_IMAGE * dataset.image_size**2
 
 
 class ImageFiles(Dataset):
-    """Unlabelled images to inspect, read as load_image reads them. An unreadable file yields a zero image and its
-    error message instead of an exception, so that one bad file in thousands does not stop the others."""
+    """Unlabelled images to inspect, read as load_image reads them. A file that cannot be read or prepared, for
+    whatever reason, yields a zero image and its error message instead of an exception, so that one bad file in
+    thousands does not stop the others."""
 
     def __init__(self, paths: Sequence[Path], resize: int, image_size: int):
         self.paths, self.resize, self.image_size = list(paths), resize, image_size
@@ -286,8 +213,10 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
         try:
-            image, error = load_image(self.paths[index], self.resize, self.image_size), ""
-        except UserError as err:
-            image, error = torch.zeros(3, self.image_size, self.image_size), str(err)
+            image, error = load_image(path, self.resize, self.image_size), ""
+        except Exception as err:  # noqa: BLE001  (e.g. MemoryError resizing a huge image: that image's row says so)
+            reason = str(err) if isinstance(err, UserError) else f"cannot read image '{path}' ({type(err).__name__}: {err})"
+            image, error = torch.zeros(3, self.image_size, self.image_size), reason
         return {"image": image, "error": error, "index": index}

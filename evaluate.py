@@ -1,11 +1,9 @@
 """Score each trained category's test set: python evaluate.py [--category bottle] -> results/summary.json, plots, maps."""
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -17,11 +15,12 @@ from tqdm import tqdm
 
 import metrics
 import plots
-from atomic import atomic_write_text
+from atomic import WriteError, atomic_write_json, atomic_write_text, check_writable_folder
 from calibration import operating_point
-from config import EvalConfig, UserError, add_arguments, from_arguments, run_cli
+from config import ArgumentParser, EvalConfig, UserError, add_arguments, from_arguments, plain_name, run_cli
 from dataset import MVTecDataset, denormalize, make_loader
-from patchcore import PatchCore
+from images import display_name
+from patchcore import PatchCore, checkpoint_path
 
 
 @dataclasses.dataclass
@@ -107,7 +106,7 @@ def write_maps(p: Predictions, folder: Path, max_maps: int, threshold: float) ->
             mask=p.masks[i] if sample.mask_path is not None else None,
             anomaly_map=p.maps[i], vmin=vmin, vmax=vmax,
             threshold=threshold,
-            title=f"{sample.defect_type}/{sample.path.name}   score {p.scores[i]:.3f}",
+            title=f"{sample.defect_type}/{display_name(sample.path.name)}   score {p.scores[i]:.3f}",
         )
     return len(chosen)
 
@@ -130,52 +129,74 @@ def markdown_table(results: dict[str, dict], mean: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_category(path: Path, category: str, run: EvalConfig, device: torch.device) -> tuple[dict, tuple]:
+    """Score one checkpoint's test set and write the category's results into <results_dir>/<category>/; returns
+    its metrics and its curve data for the plots."""
+    model, checkpoint = PatchCore.load(path, device, category)
+    dataset = MVTecDataset(run.data_path or checkpoint["data_path"], category, "test",
+                           model.config.resize, model.config.image_size)
+    p = predict(model, dataset, run, category)
+    metric_start = time.perf_counter()
+    result = category_metrics(p, category)
+    result.update(stored_threshold_metrics(model, p))
+    result.update(test_images=len(dataset), defective_images=int(p.labels.sum()),
+                  images_per_s=len(dataset) / p.seconds, inference_s=p.seconds,
+                  metrics_s=time.perf_counter() - metric_start)
+    folder = Path(run.results_dir) / category
+    write_scores_csv(p, folder / "scores.csv")
+    if not run.no_plots:
+        threshold = result["pixel_threshold"] if result["pixel_threshold"] is not None else result["image_threshold"]
+        result["maps_written"] = write_maps(p, folder / "maps", run.max_maps, threshold)
+    result.update(checkpoint=str(path), config=dataclasses.asdict(model.config),
+                  resolved_precision=model.precision, resolved_search=model.search,
+                  trained={key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings",
+                                                                 "created", "device", "resolved_precision",
+                                                                 "resolved_search")})
+    atomic_write_json(folder / "metrics.json", result)
+    print(f"[{category}] image AUROC {result['image_auroc']:.4f}, pixel AUROC "
+          f"{result['pixel_auroc'] if result['pixel_auroc'] is None else round(result['pixel_auroc'], 4)}, "
+          f"at the stored threshold {_percent(result['false_alarm_rate'])} false alarms and "
+          f"{_percent(result['recall'])} recall, {result['images_per_s']:.1f} images/s")
+    return result, (p.labels, p.scores, result["image_threshold"], result["stored_threshold"])
+
+
+def checkpoints_to_evaluate(run: EvalConfig) -> list[tuple[Path, str]]:
+    """(checkpoint, category) pairs: the one named, or every <category>.pt in the checkpoint folder."""
+    if run.category != "all":
+        return [(checkpoint_path(run.checkpoint_dir, run.category), run.category)]
+    folder = Path(run.checkpoint_dir)
+    paths = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    if not paths:
+        raise UserError(f"no checkpoints (*.pt) in '{folder}': run train.py first")
+    return [(path, path.stem) for path in paths]
+
+
 def evaluate(run: EvalConfig) -> dict:
+    """Evaluate the checkpoints and write the results. With --category all, a checkpoint that fails (damaged,
+    renamed, its data missing) is reported and the others are evaluated: summary.json then holds those, and
+    'failed' in the returned summary lists the rest (exit code 1). A result that cannot be written stops it all."""
+    run.validate()
     device = run.resolved_device()
-    checkpoint_dir, results_dir = Path(run.checkpoint_dir), Path(run.results_dir)
-    if run.category == "all":
-        paths = sorted(checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
-        if not paths:
-            raise UserError(f"no checkpoints (*.pt) in '{checkpoint_dir}': run train.py first")
-    else:
-        paths = [checkpoint_dir / f"{run.category}.pt"]
-    results, curves, start = {}, {}, time.perf_counter()
-    for path in paths:
-        model, checkpoint = PatchCore.load(path, device)
-        category = checkpoint["category"]
-        dataset = MVTecDataset(run.data_path or checkpoint["data_path"], category, "test",
-                               model.config.resize, model.config.image_size)
-        p = predict(model, dataset, run, category)
-        metric_start = time.perf_counter()
-        result = category_metrics(p, category)
-        result.update(stored_threshold_metrics(model, p))
-        result.update(test_images=len(dataset), defective_images=int(p.labels.sum()),
-                      images_per_s=len(dataset) / p.seconds, inference_s=p.seconds,
-                      metrics_s=time.perf_counter() - metric_start)
-        write_scores_csv(p, results_dir / category / "scores.csv")
-        if not run.no_plots:
-            threshold = result["pixel_threshold"] if result["pixel_threshold"] is not None else result["image_threshold"]
-            result["maps_written"] = write_maps(p, results_dir / category / "maps", run.max_maps, threshold)
-        result.update(checkpoint=str(path), config=dataclasses.asdict(model.config),
-                      resolved_precision=model.precision, resolved_search=model.search,
-                      trained={key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings",
-                                                                     "created", "device", "resolved_precision",
-                                                                     "resolved_search")})
-        results[category] = result
-        atomic_write_text(results_dir / category / "metrics.json", json.dumps(result, indent=2) + "\n")
-        curves[category] = (p.labels, p.scores, result["image_threshold"], result["stored_threshold"])
-        print(f"[{category}] image AUROC {result['image_auroc']:.4f}, pixel AUROC "
-              f"{result['pixel_auroc'] if result['pixel_auroc'] is None else round(result['pixel_auroc'], 4)}, "
-              f"at the stored threshold {_percent(result['false_alarm_rate'])} false alarms and "
-              f"{_percent(result['recall'])} recall, {result['images_per_s']:.1f} images/s")
+    results_dir = check_writable_folder(run.results_dir, "results")
+    results, curves, failed, start = {}, {}, {}, time.perf_counter()
+    for path, category in checkpoints_to_evaluate(run):
+        try:
+            results[category], curves[category] = evaluate_category(path, plain_name(category), run, device)
+        except UserError as err:
+            if run.category != "all" or isinstance(err, WriteError):
+                raise
+            failed[category] = str(err)
+            print(f"error: [{category}] {err}", file=sys.stderr)
+    if not results:
+        return {"categories": {}, "failed": failed}
     keys = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "false_alarm_rate", "recall", "precision",
             "images_per_s")
     mean = {key: _mean([r[key] for r in results.values()]) for key in keys}
     mean["test_images"] = sum(r["test_images"] for r in results.values())
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "run_config": dataclasses.asdict(run), "categories": results, "mean": mean}
-    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+               "run_config": dataclasses.asdict(run), "categories": results, "mean": mean, "failed": failed}
+    atomic_write_json(results_dir / "summary.json", summary)
     if not run.no_plots:
         plots.plot_performance_bars(results, results_dir / "performance_bars.png")
         plots.plot_roc_curves({c: curve[:2] for c, curve in curves.items()}, results_dir / "roc_curves.png")
@@ -187,9 +208,13 @@ def evaluate(run: EvalConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     add_arguments(parser, EvalConfig)
-    evaluate(from_arguments(EvalConfig, parser.parse_args()))
+    summary = evaluate(from_arguments(EvalConfig, parser.parse_args()))
+    if summary["failed"]:
+        print(f"error: {len(summary['failed'])} categories failed ({', '.join(summary['failed'])}); "
+              f"{len(summary['categories'])} evaluated", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import platform
 import sys
 import time
@@ -27,6 +28,7 @@ from config import PatchCoreConfig, UserError, cpu_has_native_bf16
 from coreset import FeatureStore, Projection, choose_coreset
 from dataset import image_tensor, load_image
 from search import NearestNeighbours
+from verdicts import Inspection
 
 CHECKPOINT_FORMAT = "patchcore-memory-bank"
 CHECKPOINT_VERSION = 2  # 2: carries the backbone weights and the calibrated thresholds
@@ -112,6 +114,18 @@ class PatchEmbedding(nn.Module):
         return out.permute(0, 2, 3, 1)
 
 
+def _require_finite(features: torch.Tensor, dataset, indices: torch.Tensor) -> None:
+    """UserError naming the first image of a batch whose features are NaN or infinite (broken weights): such a
+    bank would pass every defect."""
+    finite = torch.isfinite(features.flatten(1)).all(1).cpu()
+    if not finite.all():
+        index = int(indices[~finite][0])
+        name = getattr(dataset, "samples", None)
+        image = f"'{name[index].path}'" if name is not None else f"number {index}"
+        raise UserError(f"the backbone gives NaN or infinite features for image {image}: check --weights (a damaged "
+                        f"weights file?) and the image")
+
+
 def _upsampling_matrix(source: int, target: int) -> torch.Tensor:
     """(target, source) matrix of 1-D linear interpolation, F.interpolate(mode="linear", align_corners=False)."""
     identity = torch.eye(source, dtype=torch.float64)[None]
@@ -149,36 +163,6 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.T
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@dataclasses.dataclass
-class Inspection:
-    """Verdicts on a batch of images: anomalous when the image score is above the image threshold; the defect
-    region is where the anomaly map is above the pixel threshold. Scores and maps are nearest-neighbour distances."""
-
-    scores: np.ndarray  # (N,) image scores
-    maps: np.ndarray  # (N, S, S) anomaly maps
-    image_threshold: float
-    pixel_threshold: float
-
-    @functools.cached_property
-    def normalized_scores(self) -> np.ndarray:
-        """Score / image threshold: 1.0 is the threshold, above it anomalous; comparable across categories."""
-        return self.scores / self.image_threshold
-
-    @functools.cached_property
-    def anomalous(self) -> np.ndarray:
-        return self.scores > self.image_threshold
-
-    @property
-    def regions(self) -> np.ndarray:
-        """(N, S, S) bool: the pixels whose map value is above the pixel threshold."""
-        return self.maps > self.pixel_threshold
-
-    @functools.cached_property
-    def region_fractions(self) -> np.ndarray:
-        """Share of each image's (resized, cropped) area inside the defect region."""
-        return self.regions.mean(axis=(1, 2))
 
 
 class PatchCore:
@@ -237,6 +221,7 @@ class PatchCore:
         try:
             for batch in tqdm(loader, desc="features", unit="batch"):
                 embedded = self.embed(batch["image"], reduced_precision=not config.fp32_bank)
+                _require_finite(embedded, loader.dataset, batch["index"])
                 patches = embedded.flatten(0, 2)
                 if store is None:  # sized once from the first batch: no concatenation copies
                     grid = list(embedded.shape[1:3])
@@ -352,8 +337,8 @@ class PatchCore:
     def thresholds(self, image_threshold: float | None = None) -> tuple[float, float]:
         """(image, pixel) thresholds: the calibrated ones, or ``image_threshold`` with the pixel threshold scaled
         by the same factor, so that regions keep their relation to the verdicts."""
-        if image_threshold is not None and image_threshold <= 0:
-            raise UserError(f"the image threshold must be positive, got {image_threshold}")
+        if image_threshold is not None and not (math.isfinite(image_threshold) and image_threshold > 0):
+            raise UserError(f"the image threshold must be a positive number, got {image_threshold}")
         if self.calibration is None:
             if image_threshold is None:
                 raise UserError("this checkpoint has no calibrated thresholds: retrain it with train.py, or pass a "
@@ -399,12 +384,14 @@ class PatchCore:
                          "torchvision": str(torchvision.__version__), "faiss": str(faiss.__version__)},
             **metadata,
         }
-        return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        return atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["PatchCore", dict]:
-        """A model ready to inspect, and the checkpoint's contents; UserError for damaged or foreign files."""
-        checkpoint = read_checkpoint(path)
+    def load(cls, path: str | Path, device: torch.device | str = "cpu",
+             category: str | None = None) -> tuple["PatchCore", dict]:
+        """A model ready to inspect, and the checkpoint's contents; UserError for damaged or foreign files, and, with
+        ``category``, for a checkpoint trained for another category (e.g. copied under another name)."""
+        checkpoint = read_checkpoint(path, category)
         stored = checkpoint["config"]
         config = PatchCoreConfig(**{**VALUES_BEFORE_THE_FIELD, **stored, "layers": tuple(stored["layers"])})
         config.validate()  # before building the backbone it names
@@ -419,8 +406,26 @@ class PatchCore:
         return model, checkpoint
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The contents of a checkpoint file, validated; UserError naming the file otherwise."""
+def _torch_save(value: dict, path: Path) -> None:
+    """torch.save through a Python file: a full disk then surfaces as the OSError that atomic_write reports (given
+    a path, torch writes through C++ streams and says only 'iostream error')."""
+    with open(path, "wb") as f:
+        torch.save(value, f)
+
+
+def model_identity(checkpoint: dict) -> str:
+    """What names a model in the verdicts it gives: its category and when it was trained."""
+    return f"{checkpoint.get('category', 'model')}@{checkpoint.get('created', 'unknown')}"
+
+
+def checkpoint_path(checkpoint_dir: str | Path, category: str) -> Path:
+    """Where a category's checkpoint is: <checkpoint_dir>/<category>.pt."""
+    return Path(checkpoint_dir) / f"{category}.pt"
+
+
+def read_checkpoint(path: str | Path, category: str | None = None) -> dict:
+    """The contents of a checkpoint file, validated: format, fields, finite numbers, and, with ``category``, the
+    category it was trained for; UserError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint '{path}': run train.py for this category first")
@@ -442,4 +447,24 @@ def read_checkpoint(path: str | Path) -> dict:
             or bank.shape[1] != checkpoint["config"]["embedding_dim"] or "weights_digest" not in checkpoint
             or not isinstance(backbone_state, dict) or not isinstance(checkpoint.get("calibration", 0), dict | None)):
         raise UserError(f"checkpoint '{path}' is incomplete or from another version: retrain with train.py")
+    trained_for = checkpoint.get("category")
+    if category is not None and trained_for is not None and trained_for != category:
+        raise UserError(f"checkpoint '{path}' was trained for category '{trained_for}', not '{category}': use "
+                        f"--category {trained_for} (and its file name {trained_for}.pt), or train '{category}'")
+    if len(bank) == 0 or not bool(torch.isfinite(bank).all()):
+        raise UserError(f"checkpoint '{path}' has an empty memory bank or NaN / infinite entries in it: retrain with "
+                        f"train.py")
+    calibration = checkpoint.get("calibration")
+    if calibration is not None and not _valid_calibration(calibration):
+        raise UserError(f"checkpoint '{path}' has thresholds that are not positive finite numbers: retrain with "
+                        f"train.py")
     return checkpoint
+
+
+def _valid_calibration(calibration: dict) -> bool:
+    try:
+        thresholds = [float(calibration[key]) for key in ("image_threshold", "pixel_threshold")]
+        scores = [float(s) for key in ("image_scores", "map_maxima") for s in calibration[key]]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return all(math.isfinite(t) and t > 0 for t in thresholds) and all(math.isfinite(s) for s in scores)

@@ -1,15 +1,14 @@
 """Inspect new, unlabelled images with a trained category: python predict.py --category bottle PATH [PATH ...]
 
-A PATH is an image, a folder (searched recursively) or a glob pattern. Each image gets a row in a CSV: its score,
-the score divided by the stored threshold (1.0 is the threshold), the verdict, the share of its area above the pixel
-threshold, and the error when it could not be read. Exit code 0 when every image was scored, 1 when some could not
-be read (their rows say why), 2 for a usage error.
+A PATH is an image, a folder (searched recursively, following links) or a glob pattern (** for any depth); each
+real file is inspected once. Each image gets a row in a CSV: its score, the score divided by the stored threshold
+(1.0 is the threshold), the verdict, the share of its area above the pixel threshold, the model that judged it, and
+the error when it could not be read. Rows are saved batch by batch: rerunning an interrupted command resumes it.
+Exit code 0 when every image was scored, 1 when some could not be read (their rows say why), 2 for a usage error.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import time
@@ -18,50 +17,49 @@ from pathlib import Path
 from tqdm import tqdm
 
 import plots
-from atomic import atomic_write_text
-from config import PredictConfig, UserError, add_arguments, from_arguments, run_cli
-from dataset import ImageFiles, denormalize, expand_paths, make_loader
-from patchcore import PatchCore
+from atomic import check_writable_folder
+from config import ArgumentParser, Interrupted, PredictConfig, UserError, add_arguments, from_arguments, run_cli
+from dataset import ImageFiles, denormalize, make_loader
+from images import display_name, expand_paths
+from patchcore import PatchCore, checkpoint_path, model_identity
+from verdicts import VerdictFile, error_row
 
-COLUMNS = ("path", "score", "normalized_score", "anomalous", "region_fraction", "error")
+
+def picture_path(maps: Path, root: Path, path: Path) -> Path:
+    """Where the overlay picture of ``path`` goes: its place below ``root`` (the inputs' common folder, by real
+    paths) under ``maps``, its full name plus '.png', so that a.png and a.tif get a.png.png and a.tif.png."""
+    real = Path(os.path.realpath(path))
+    return maps / real.parent.relative_to(root) / f"{real.name}.png"
 
 
-def inspect_files(model: PatchCore, files: list[Path], run: PredictConfig) -> tuple[list[dict], int]:
-    """One CSV row per file, in order, and the number of overlay pictures written."""
-    rows, pictures = [], 0
-    root = Path(os.path.commonpath([f.parent.resolve() for f in files]))
+def inspect_files(model: PatchCore, files: list[Path], run: PredictConfig, writer: VerdictFile, model_id: str,
+                  root: Path) -> int:
+    """Score ``files`` batch by batch, appending each batch's rows to ``writer`` (after its pictures, so that a
+    saved row has its picture); returns the number of pictures written."""
+    pictures = 0
     dataset = ImageFiles(files, model.config.resize, model.config.image_size)
     for batch in tqdm(make_loader(dataset, run.batch_size, run.num_workers, model.device),
                       desc=f"{run.category} inspecting", unit="batch"):
         readable = [i for i, error in enumerate(batch["error"]) if not error]
         inspection = model.inspect(batch["image"][readable], run.threshold) if readable else None
+        rows = []
         for position, index in enumerate(batch["index"].tolist()):
             path, error = files[index], batch["error"][position]
             if error:
-                rows.append({"path": str(path), "error": error})
+                rows.append(error_row(path, error, model_id))
                 continue
             i = readable.index(position)
-            anomalous = bool(inspection.anomalous[i])
-            rows.append({"path": str(path), "score": f"{inspection.scores[i]:.6f}",
-                         "normalized_score": f"{inspection.normalized_scores[i]:.4f}", "anomalous": int(anomalous),
-                         "region_fraction": f"{inspection.region_fractions[i]:.5f}", "error": ""})
-            if run.maps and (anomalous or run.all_maps):
-                verdict = "ANOMALOUS" if anomalous else "normal"
+            rows.append(inspection.row(i, path, model_id))
+            if run.maps and (inspection.anomalous[i] or run.all_maps):
+                verdict = "ANOMALOUS" if inspection.anomalous[i] else "normal"
                 plots.save_inspection_figure(
-                    Path(run.maps) / path.resolve().relative_to(root).with_suffix(".png"),
-                    denormalize(batch["image"][position]), inspection.maps[i] / inspection.pixel_threshold,
-                    f"{path.name}: {verdict}, score {inspection.scores[i]:.3f} = "
+                    picture_path(Path(run.maps), root, path), denormalize(batch["image"][position]),
+                    inspection.maps[i] / inspection.pixel_threshold,
+                    f"{display_name(path.name)}: {verdict}, score {inspection.scores[i]:.3f} = "
                     f"{inspection.normalized_scores[i]:.2f} x threshold")
                 pictures += 1
-    return rows, pictures
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
+        writer.append(rows)
+    return pictures
 
 
 def predict(run: PredictConfig) -> int:
@@ -69,23 +67,39 @@ def predict(run: PredictConfig) -> int:
     if not run.category or run.category == "all":
         raise UserError("predict.py inspects with one category: pass --category NAME (a checkpoint in "
                         f"'{run.checkpoint_dir}')")
+    run.validate()
     files = expand_paths(run.paths)
-    model, _ = PatchCore.load(Path(run.checkpoint_dir) / f"{run.category}.pt", run.resolved_device())
-    image_threshold, pixel_threshold = model.thresholds(run.threshold)
-    source = "--threshold" if run.threshold is not None else "stored"
-    print(f"[{run.category}] {len(files)} images; {source} image threshold {image_threshold:.4g}, pixel threshold "
-          f"{pixel_threshold:.4g}; {model.config.backbone} on {model.device}")
-    start = time.perf_counter()
-    rows, pictures = inspect_files(model, files, run)
-    seconds = time.perf_counter() - start
     output = Path(run.output or Path("results") / run.category / "predictions.csv")
-    write_csv(rows, output)
+    VerdictFile.check(output)
+    if run.maps:
+        check_writable_folder(run.maps, "overlay pictures")
+    model, checkpoint = PatchCore.load(checkpoint_path(run.checkpoint_dir, run.category), run.resolved_device(),
+                                       run.category)
+    image_threshold, pixel_threshold = model.thresholds(run.threshold)
+    model_id = model_identity(checkpoint)
+    source = "--threshold" if run.threshold is not None else "stored"
+    writer = VerdictFile(output, model_id, (image_threshold, pixel_threshold))
+    done = writer.open()
+    todo = [path for path in files if str(path) not in done]
+    resumed = f"; resuming: {len(files) - len(todo)} already have their verdict in {writer.partial}" if done else ""
+    print(f"[{run.category}] {len(files)} images; model {model_id}; {source} image threshold {image_threshold:.4g}, "
+          f"pixel threshold {pixel_threshold:.4g}; {model.config.backbone} on {model.device}{resumed}")
+    root = Path(os.path.commonpath([os.path.realpath(path.parent) for path in files]))
+    start = time.perf_counter()
+    try:
+        pictures = inspect_files(model, todo, run, writer, model_id, root) if todo else 0
+        rows = writer.finish(files)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the verdicts so far are in '{writer.partial}': rerun the same command to resume") from None
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - start
     failed = sum(1 for row in rows if row["error"])
-    anomalous = sum(1 for row in rows if row.get("anomalous") == 1)
-    scored = len(rows) - failed
+    anomalous = sum(1 for row in rows if row["anomalous"] == "1")
     maps = f", {pictures} pictures in {run.maps}" if run.maps else ""
-    print(f"scored {scored}, anomalous {anomalous}, failed {failed} in {seconds:.1f} s "
-          f"({scored / seconds:.1f} images/s) -> {output}{maps}")
+    this_run = f" ({len(todo)} in this run)" if done else ""
+    print(f"scored {len(rows) - failed}, anomalous {anomalous}, failed {failed}{this_run} in {seconds:.1f} s "
+          f"({len(todo) / max(seconds, 1e-9):.1f} images/s) -> {output}{maps}")
     if failed:
         print(f"error: {failed} of {len(rows)} images could not be read: see the error column of {output}",
               file=sys.stderr)
@@ -93,7 +107,7 @@ def predict(run: PredictConfig) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, PredictConfig)
     code = predict(from_arguments(PredictConfig, parser.parse_args()))
     if code:

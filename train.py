@@ -1,23 +1,20 @@
 """Build a PatchCore memory bank per category: python train.py --data_path "/path/to/MVTec AD" --category bottle"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from calibration import calibrate
-from config import PatchCoreConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
+from atomic import check_writable_folder
+from config import ArgumentParser, PatchCoreConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
 from download import ensure_dataset
-from patchcore import PatchCore, read_checkpoint
-
-
-def checkpoint_path(checkpoint_dir: str | Path, category: str) -> Path:
-    return Path(checkpoint_dir) / f"{category}.pt"
+from patchcore import PatchCore, checkpoint_path, read_checkpoint
 
 
 def is_up_to_date(path: Path, config: PatchCoreConfig, weights_digest: str, data_path: str) -> bool:
@@ -72,9 +69,14 @@ def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig,
     return timings
 
 
-def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
+def train(model_config: PatchCoreConfig, run: TrainConfig) -> list[str]:
+    """Train the categories ``run`` names; returns those that failed. With --category all, a category whose data
+    fails (an unreadable image, too few images) is reported and the others are trained (exit code 1); a checkpoint
+    that cannot be written stops it all."""
     model_config.validate()
+    run.validate()
     device = run.resolved_device()
+    check_writable_folder(run.checkpoint_dir, "checkpoints")
     data_path = run.resolved_data_path()
     if run.download:
         data_path = str(ensure_dataset(data_path, run.download))
@@ -84,7 +86,7 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
     digest = model.extractor.weights_digest
     print(f"{model_config.backbone} ({model_config.weights}) on {device} in {model.precision}, {model.search} search; "
           f"{len(categories)} categories in {data_path}")
-    trained, skipped, start = [], [], time.perf_counter()
+    trained, skipped, failed, start = [], [], [], time.perf_counter()
     for category, dataset in datasets.items():
         path = checkpoint_path(run.checkpoint_dir, category)
         if run.skip_existing and is_up_to_date(path, model_config, digest, data_path):
@@ -92,22 +94,34 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> None:
             skipped.append(category)
             continue
         print(f"[{category}] {len(dataset)} training images")
-        timings = fit_and_calibrate(model, dataset, run, data_path, category)
+        try:
+            timings = fit_and_calibrate(model, dataset, run, data_path, category)
+        except UserError as err:
+            if run.category != "all":
+                raise
+            print(f"error: [{category}] {err}", file=sys.stderr)
+            failed.append(category)
+            continue
         model.save(path, category=category, data_path=str(Path(data_path).resolve()), device=str(device),
                    num_train_images=len(dataset), timings=timings)
         print(f"[{category}] memory bank {timings['memory_bank_size']:,} of {timings['num_patches']:,} patches; "
               f"features {timings['features_s']:.1f} s, coreset {timings['coreset_s']:.1f} s, calibration "
               f"{timings['calibration_s']:.1f} s -> {path}")
         trained.append(category)
-    print(f"trained {len(trained)}, skipped {len(skipped)} categories in {time.perf_counter() - start:.1f} s")
+    print(f"trained {len(trained)}, skipped {len(skipped)}, failed {len(failed)} categories in "
+          f"{time.perf_counter() - start:.1f} s")
+    return failed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     add_arguments(parser, TrainConfig)
     add_arguments(parser, PatchCoreConfig)
     args = parser.parse_args()
-    train(from_arguments(PatchCoreConfig, args), from_arguments(TrainConfig, args))
+    failed = train(from_arguments(PatchCoreConfig, args), from_arguments(TrainConfig, args))
+    if failed:
+        print(f"error: {len(failed)} categories failed ({', '.join(failed)}): see the lines above", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

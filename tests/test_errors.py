@@ -129,6 +129,7 @@ def _tampered_backbone(ws: Workspace) -> Case:
     path = ws.checkpoints / "tampered.pt"
     checkpoint = torch.load(ws.checkpoints / "tiles.pt", weights_only=True)
     checkpoint["backbone_state"]["conv1.weight"] += 1
+    checkpoint["category"] = "tampered"
     torch.save(checkpoint, path)
     return Case("predict.py", ["--category", "tampered", "--checkpoint_dir", ws.checkpoints,
                                ws.data_root / "tiles" / "test" / "good"], [f"'{path}'", "digest", "train.py"])
@@ -272,9 +273,11 @@ def test_weights_file_lacking_only_unused_stages_trains(data_root: Path, tmp_pat
     assert (checkpoints / "gray.pt").is_file()
 
 
-def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tiles: Trained, checkpoint_copy: Path,
-                                                                    tmp_path: Path) -> None:
-    """SIGINT while the first category ('gray') trains: exit 130, the earlier tiles.pt untouched, no temp file."""
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(signal_number: int, trained_tiles: Trained,
+                                                                    checkpoint_copy: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit) while the first category ('gray') trains: exit 130, the
+    earlier tiles.pt untouched, no temp file."""
     earlier, checkpoints = checkpoint_copy, checkpoint_copy.parent
     original = earlier.read_bytes()
     command = [sys.executable, "-u", str(ROOT / "train.py"), "--data_path", str(trained_tiles.data_root),
@@ -285,7 +288,7 @@ def test_ctrl_c_keeps_earlier_checkpoints_and_writes_no_partial_one(trained_tile
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as train:
         for line in train.stdout:
             if line.startswith("[gray]"):
-                train.send_signal(signal.SIGINT)
+                train.send_signal(signal_number)
                 break
         _, stderr = train.communicate(timeout=120)
     assert train.returncode == 130, stderr

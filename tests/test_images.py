@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
+import images
 from config import PatchCoreConfig, UserError
 from conftest import SMALL_CONFIG, _rgb_texture, _texture
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, image_tensor, load_image, load_mask, make_loader,
@@ -149,8 +149,8 @@ def test_cmyk_image_loads_as_its_rgb(rgb: np.ndarray, tmp_path: Path) -> None:
 
 def test_unknown_mode_is_a_user_error(rgb: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _saved(Image.fromarray(rgb).convert("CMYK"), tmp_path / "cmyk.tif")
-    monkeypatch.setattr(dataset, "_EIGHT_BIT_MODES", dataset._EIGHT_BIT_MODES - {"CMYK"})  # a mode it does not know
-    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode CMYK\): unsupported mode"):
+    monkeypatch.setattr(images, "_EIGHT_BIT_MODES", images._EIGHT_BIT_MODES - {"CMYK"})  # a mode it does not know
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode CMYK: unsupported"):
         _load(path)
 
 
@@ -196,7 +196,7 @@ def test_32bit_integer_image_beyond_16_bits_is_a_user_error(value: int, gray: np
     pixels = gray.astype(np.int32)
     pixels[0, 0] = value
     path = _saved(Image.fromarray(pixels), tmp_path / "int32.tif")
-    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode I\): .*0 to 65535"):
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode I: .*0 to 65535"):
         _load(path)
 
 
@@ -211,7 +211,7 @@ def test_float_tiff_beyond_unit_range_is_a_user_error(value: float, gray: np.nda
     pixels = gray.astype(np.float32) / 255
     pixels[0, 0] = value
     path = _saved(Image.fromarray(pixels), tmp_path / "float.tif")
-    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode F\): .*within \[0, 1\].*rescale"):
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode F: .*within \[0, 1\].*rescale"):
         _load(path)
 
 

@@ -171,7 +171,9 @@ def test_predict_scores_equal_evaluate_scores(trained_tiles: Trained, evaluated:
                      "--num_workers", "2", "--batch_size", "5", test_dir, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     rows = _rows(tmp_path / "results" / "tiles" / "predictions.csv")  # the default output, under the working dir
-    assert list(rows[0]) == ["path", "score", "normalized_score", "anomalous", "region_fraction", "error"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "anomalous", "region_fraction", "model", "error"]
+    created = read_checkpoint(trained_tiles.checkpoint)["created"]
+    assert {row["model"] for row in rows} == {f"tiles@{created}"}
     assert [Path(r["path"]) for r in rows] == sorted(test_dir.rglob("*.png"))
     expected = {r["path"]: float(r["score"]) for r in _rows(evaluated / "tiles" / "scores.csv")}
     threshold = read_checkpoint(trained_tiles.checkpoint)["calibration"]["image_threshold"]
@@ -212,7 +214,7 @@ def test_predict_maps_and_threshold_override(trained_tiles: Trained, tmp_path: P
     assert run.returncode == 0, run.stderr
     rows = _rows(tmp_path / "a.csv")
     assert len(rows) == 6
-    flagged = {Path(r["path"]).relative_to(test_dir).with_suffix(".png") for r in rows if r["anomalous"] == "1"}
+    flagged = {Path(r["path"] + ".png").relative_to(test_dir) for r in rows if r["anomalous"] == "1"}
     assert flagged and {p.relative_to(tmp_path / "maps") for p in (tmp_path / "maps").rglob("*.png")} == flagged
 
     everything = run_in_process("predict.py", *common, "--maps", tmp_path / "all", "--all_maps", "--threshold", "1e9",

@@ -1,0 +1,240 @@
+"""Image files: which files a command's PATH arguments name, and their pixels at their real value range.
+
+numpy and Pillow only (no torch): predict.py, train.py and evaluate.py read images through here, and so does the
+exported model's runner (predict_exported.py), so that every path reads a file the same way.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from config import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# The largest image read: 2^28 pixels (16,384 x 16,384, 268 megapixels), over line scanners' 100+ megapixel frames.
+# Its size is read from the file's header before anything is decoded, so a decompression bomb (a small file that
+# claims 20,000 x 20,000 pixels) costs nothing; an image at the limit takes 268 MB (gray) to 805 MB (RGB) decoded.
+MAX_IMAGE_PIXELS = 1 << 28
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own check at 2x this: ours comes first, with a clear reason
+
+# Pillow modes of 8-bit data, read as Pillow's convert("RGB") gives them; and those of deeper data, read as stored.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_DEEP_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+# The dtypes image arrays may have (besides bool), by the value that stands for full brightness.
+FULL_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1, "float64": 1}
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """``path`` as text that can be printed and drawn: a file name that is not valid UTF-8 keeps its readable
+    part, the rest as U+FFFD (CSV files keep the exact bytes instead)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def read_pixels(path: str | Path) -> np.ndarray:
+    """An image file's pixels at their real value range, upright: (H, W, 1) gray or (H, W, 3) RGB.
+
+    The EXIF orientation that cameras and phones write is applied (the image as a viewer shows it), in training,
+    evaluation and inspection alike. By Pillow mode:
+      L -> uint8 gray (one channel, the same values as its RGB);
+      1, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV -> uint8 RGB by Pillow's convert("RGB")
+          (palette to its colours, alpha dropped);
+      I;16, I;16L, I;16B, I;16N (16-bit gray PNG, TIFF) -> uint16;
+      I (32-bit integer: int TIFFs, and 16-bit PNGs in some Pillow versions) -> uint16 if all within 0..65535;
+      F (32-bit float TIFF) -> float32 if all finite and within [0, 1].
+    Any failure (not a regular file, a damaged or foreign file, over MAX_IMAGE_PIXELS, another mode, values out of
+    range, permissions, memory) is a UserError naming the file and the reason, whatever raised it. Pillow itself
+    decodes 16-bit colour PNG and TIFF to 8-bit RGB.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError("not a regular file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
+                                     f"megapixels (images.MAX_IMAGE_PIXELS): split or downscale it")
+                mode = image.mode
+                upright = ImageOps.exif_transpose(image)
+                if mode in _EIGHT_BIT_MODES and mode != "L":  # L stays one channel: resized once, not thrice
+                    # La (premultiplied alpha) converts to RGB only by way of LA
+                    upright = (upright.convert("LA") if mode == "La" else upright).convert("RGB")
+                pixels = np.asarray(upright)
+        try:
+            return _by_mode(pixels, mode)
+        except ValueError as err:
+            raise ValueError(f"mode {mode}: {err}") from None
+    except Exception as err:  # noqa: BLE001  (one bad file, whatever broke, is that file's problem alone)
+        reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        raise UserError(f"cannot read image '{path}' ({reason}): replace or remove the file") from None
+
+
+def _by_mode(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """The decoded pixels of a file of Pillow ``mode`` as read_pixels returns them; ValueError if unsupported."""
+    if mode not in _EIGHT_BIT_MODES and mode not in _DEEP_MODES:
+        raise ValueError("unsupported: save it as 8-bit gray or colour, or as 16-bit gray")
+    if mode == "I":
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"32-bit integer values span {pixels.min()} to {pixels.max()}, beyond 16 bit "
+                             "(0 to 65535), so their full scale is unknown: save it as an 8- or 16-bit image")
+        pixels = pixels.astype(np.uint16)
+    return checked_pixels(pixels)
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding; None when it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Exception:  # noqa: BLE001  (the reader names the file when it reads it)
+        return None
+
+
+def checked_pixels(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` as (H, W, 1) or (H, W, 3) (alpha dropped, bool as uint8 0 / 255) once they are an image the model
+    takes: uint8, uint16, bool, or finite float32 / float64 within [0, 1]; a ValueError saying what is wrong
+    otherwise."""
+    if not (pixels.ndim in (2, 3) and min(pixels.shape[:2]) > 0 and pixels.shape[2:] in ((), (1,), (3,), (4,))):
+        raise ValueError(f"shape {pixels.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8) * 255
+    if pixels.dtype.name not in FULL_SCALE:
+        raise ValueError(f"dtype {pixels.dtype} is not uint8, uint16, bool, float32 or float64")
+    if pixels.dtype.kind == "f" and not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+        raise ValueError(f"float values must be finite and within [0, 1], these span {pixels.min():g} to "
+                         f"{pixels.max():g}: rescale them to [0, 1], or use 8- or 16-bit integers")
+    return pixels.reshape(*pixels.shape[:2], -1)[:, :, :3]
+
+
+def expand_paths(patterns: Sequence[str]) -> list[Path]:
+    """The image files named by ``patterns``, in order, each real file once (the first path naming it): a file as
+    it is; a folder's images recursively; a glob pattern's (``*``, ``?``, ``[...]``, ``**`` for any depth)
+    matching images, and the images of its matching folders. Folders reached through symbolic links are followed,
+    each real folder once, so a link loop ends; hidden entries are skipped unless a pattern names them. Anything
+    with an image suffix is returned, so that a dangling link or an unreadable file gets its row and its reason
+    when it is read. UserError when a pattern names nothing, or a folder cannot be listed."""
+    files: dict[str, Path] = {}
+    for pattern in patterns:
+        if any(character in pattern for character in "*?["):
+            matches = list(_glob(pattern))
+            if not matches:
+                raise UserError(f"no image or folder matches '{pattern}'")
+        elif os.path.lexists(pattern):
+            matches = [Path(pattern)]
+        else:
+            raise UserError(f"'{pattern}' does not exist: pass image files, folders or glob patterns")
+        for match in matches:
+            for path in _images_under(match) if match.is_dir() else [match]:
+                files.setdefault(os.path.realpath(path), path)
+    if not files:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(patterns)}")
+    return list(files.values())
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk(top: Path) -> Iterator[tuple[Path, bool]]:
+    """(path, is_folder) of every non-hidden entry below ``top``, depth first in name order, following links to
+    folders; a real folder is entered once, so links that loop back end there."""
+    entered: set[tuple[int, int]] = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            identity = os.stat(folder)
+            key = (identity.st_dev, identity.st_ino)
+            if key in entered:
+                continue
+            entered.add(key)
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as err:
+            raise UserError(f"cannot list folder '{folder}' ({err.strerror}): check its permissions") from None
+        below = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            is_folder = _is_folder(entry)
+            yield path, is_folder
+            if is_folder:
+                below.append(path)
+        stack.extend(reversed(below))
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted((path for path, is_folder in _walk(folder) if not is_folder and _is_image_name(path.name)),
+                  key=lambda path: path.parts)
+
+
+def _glob(pattern: str) -> Iterator[Path]:
+    """The paths that match ``pattern``, in name order: image files, and folders (whose images expand_paths takes).
+    Its fixed leading folders are the walk's start; the rest is matched against each path below it."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    top = Path(*parts[:fixed]) if fixed else Path(".")
+    regex = _pattern_regex(parts[fixed:])
+    if not top.is_dir():
+        return
+    matched_folders: list[Path] = []
+    for path, is_folder in sorted(_walk(top), key=lambda item: item[0].parts):
+        if any(path.is_relative_to(folder) for folder in matched_folders):
+            continue  # inside a matched folder: expand_paths takes its images
+        relative = path.relative_to(top).as_posix()
+        if regex.fullmatch(relative) and (is_folder or _is_image_name(path.name)):
+            if is_folder:
+                matched_folders.append(path)
+            yield path
+
+
+def _pattern_regex(parts: Sequence[str]) -> re.Pattern:
+    """A regex for a path relative to the walk's start, from the pattern's components after its fixed ones:
+    ``**`` stands for any number of folders (as the last component: anything below)."""
+    pieces = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            pieces.append("(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*")
+        else:
+            pieces.append(_component_regex(part) + ("" if last else "/"))
+    return re.compile("".join(pieces))
+
+
+def _component_regex(part: str) -> str:
+    """A regex for one name in a glob pattern: ``*`` and ``?`` within the name (not matching a leading '.'),
+    ``[...]`` a set (``[!...]`` its complement), anything else itself."""
+    out, i = [] if part.startswith(".") else ["(?!\\.)"], 0
+    while i < len(part):
+        character = part[i]
+        if character == "*":
+            out.append("[^/]*")
+        elif character == "?":
+            out.append("[^/]")
+        elif character == "[" and "]" in part[i + 2:]:
+            end = part.index("]", i + 2)
+            body = part[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+            i = end
+        else:
+            out.append(re.escape(character))
+        i += 1
+    return "".join(out)
