@@ -63,11 +63,12 @@ def read_pixels(path: str | Path) -> np.ndarray:
                     raise ValueError(f"{width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
                                      f"megapixels (images.MAX_IMAGE_PIXELS): split or downscale it")
                 mode = image.mode
-                upright = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)  # no copy of an image without an orientation tag
                 if mode in _EIGHT_BIT_MODES and mode != "L":  # L stays one channel: resized once, not thrice
                     # La (premultiplied alpha) converts to RGB only by way of LA
-                    upright = (upright.convert("LA") if mode == "La" else upright).convert("RGB")
-                pixels = np.asarray(upright)
+                    pixels = np.asarray((image.convert("LA") if mode == "La" else image).convert("RGB"))
+                else:
+                    pixels = np.asarray(image)
         try:
             return _by_mode(pixels, mode)
         except ValueError as err:

@@ -83,10 +83,10 @@ def test_every_kind_of_unreadable_file_gets_its_own_row(trained_tiles: Trained, 
     shutil.copy(sample, folder / undecodable)
     exif_transpose = ImageOps.exif_transpose
 
-    def explode(image: Image.Image) -> Image.Image:  # any exception type, raised deep inside reading one file
+    def explode(image: Image.Image, **kwargs) -> Image.Image | None:  # any exception type, deep inside reading
         if Path(image.filename).name == "exploding.png":
             raise RuntimeError("the decoder exploded")
-        return exif_transpose(image)
+        return exif_transpose(image, **kwargs)
 
     monkeypatch.setattr(images.ImageOps, "exif_transpose", explode)
     output = tmp_path / "out.csv"
