@@ -9,15 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from config import UserError
-from images import FULL_SCALE, IMAGE_SUFFIXES, checked_pixels, image_size, read_pixels
+from images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, image_size, prepare, read_pixels
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GOOD = "good"
 LARGE_IMAGE = 4  # images of over 4x the model's input pixels are decoded in worker processes on any CPU
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -86,28 +83,16 @@ def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
-def _center_crop(planes: torch.Tensor, image_size: int) -> torch.Tensor:
-    offset = (planes.shape[-1] - image_size) // 2
-    return planes[..., offset:offset + image_size, offset:offset + image_size]
-
-
 def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
-    """An image array (from a camera SDK, say) as the model takes it, like load_image does for files.
-
-    ``pixels``: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) of uint8 (0 to 255), uint16 (0 to 65535),
-    bool, or float32 / float64 within [0, 1]; anything else is a UserError. Each channel is scaled to [0, 1] and
-    resized in 32-bit float, whatever the bit depth, by antialiased bilinear interpolation (Pillow's BILINEAR filter,
-    which the reference's torchvision Resize applies to 8-bit images, equal to it up to float rounding): the same
-    picture at 8 or 16 bit gives the same tensor, and deeper data keep their precision. Pillow's 8-bit resize would
-    round after each of its two passes, up to 1/255 per pixel, which moved some magnetic-tile image scores by 2%.
-    """
+    """An image array (from a camera SDK, say) as the model takes it, like load_image does for files: images.prepare
+    (scaled by bit depth, resized, cropped), as RGB, ImageNet-normalised; (3, image_size, image_size).
+    ``pixels``: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) of uint8, uint16, bool, or float32 /
+    float64 within [0, 1]; anything else is a UserError."""
     try:
-        pixels = checked_pixels(pixels)
+        unit = torch.from_numpy(prepare(pixels, resize, image_size))
     except ValueError as err:
         raise UserError(f"cannot use pixel array: {err}") from None
-    unit = torch.from_numpy(pixels.astype(np.float32)).div_(FULL_SCALE[pixels.dtype.name]).permute(2, 0, 1)
-    resized = F.interpolate(unit[None], size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
-    return (_center_crop(resized[0], image_size).expand(3, -1, -1) - _MEAN) / _STD
+    return (unit.expand(3, -1, -1) - _MEAN) / _STD
 
 
 def load_image(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
@@ -126,7 +111,8 @@ def load_mask(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
 def mask_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
     """A mask's pixels (H, W, C) as load_mask gives them."""
     defect = Image.fromarray((pixels > 0).any(axis=2)).resize((resize, resize), Image.Resampling.NEAREST)
-    return _center_crop(torch.from_numpy(np.array(defect)), image_size)
+    offset = (resize - image_size) // 2
+    return torch.from_numpy(np.array(defect)[offset:offset + image_size, offset:offset + image_size])
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:

@@ -29,6 +29,8 @@ _EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGB
 _DEEP_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 # The dtypes image arrays may have (besides bool), by the value that stands for full brightness.
 FULL_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1, "float64": 1}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -115,6 +117,58 @@ def checked_pixels(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"float values must be finite and within [0, 1], these span {pixels.min():g} to "
                          f"{pixels.max():g}: rescale them to [0, 1], or use 8- or 16-bit integers")
     return pixels.reshape(*pixels.shape[:2], -1)[:, :, :3]
+
+
+def prepare(pixels: np.ndarray, resize: int, image_size: int) -> np.ndarray:
+    """An image as the model takes it before normalisation: (C, image_size, image_size) float32 in [0, 1], C = 1
+    (gray) or 3 (RGB), from pixels as read_pixels returns them or as a camera SDK gives them ((H, W), (H, W, 1),
+    (H, W, 3) or (H, W, 4) of uint8, uint16, bool, or float in [0, 1]; anything else is a ValueError).
+
+    Each channel is scaled to [0, 1] by its bit depth and resized to resize x resize (non-square images are
+    squeezed, so that defects near the long sides stay in view) by Pillow's antialiased bilinear filter, the one
+    the reference's torchvision Resize applies to 8-bit images, computed here in float32 whatever the bit depth
+    (Pillow's 8-bit resize rounds after each of its two passes, which moved some magnetic-tile scores by 2%); then
+    center-cropped to image_size. The same picture at 8 or 16 bit gives the same array, up to float rounding. This
+    is the one definition of the model's input: the torch path (dataset.py) and the exported model's runner both
+    call it.
+    """
+    pixels = checked_pixels(pixels)
+    offset = (resize - image_size) // 2
+    full_scale = FULL_SCALE[pixels.dtype.name]
+    rows = _resample(pixels, resize, offset, image_size, full_scale)  # (image_size, W, C), scaled to [0, 1]
+    both = _resample(rows.transpose(1, 0, 2), resize, offset, image_size, 1)  # (image_size, image_size, C), x <-> y
+    return np.ascontiguousarray(both.transpose(2, 1, 0))
+
+
+def _resample(planes: np.ndarray, size: int, start: int, count: int, full_scale: float) -> np.ndarray:
+    """Rows ``start`` to ``start + count`` of ``planes`` (L, W, C) resized along their first axis to ``size``, as
+    float32 divided by ``full_scale``: each output row a weighted sum of a few input rows (gathered whole, so the
+    work follows the output, not the input)."""
+    length = len(planes)
+    if length == size:
+        return np.multiply(planes[start:start + count], np.float32(1 / full_scale), dtype=np.float32)
+    indices, weights = resize_weights(length, size)
+    indices, weights = indices[start:start + count], (weights[start:start + count] / full_scale).astype(np.float32)
+    out = weights[:, 0, None, None] * planes[indices[:, 0]]
+    for tap in range(1, indices.shape[1]):
+        out += weights[:, tap, None, None] * planes[indices[:, tap]]
+    return out.astype(np.float32, copy=False)
+
+
+def resize_weights(in_length: int, out_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's antialiased bilinear filter from ``in_length`` to ``out_length`` samples (its Resample.c): for each
+    output sample, the input samples it reads (out_length, taps) and their weights (float64, summing to 1), a
+    triangle filter stretched by the downscaling factor. A sample beyond an output's reach gets weight 0."""
+    scale = in_length / out_length
+    support = max(scale, 1.0)  # the bilinear filter's support, 1, times the downscaling factor
+    centers = (np.arange(out_length) + 0.5) * scale
+    first = np.maximum(np.trunc(centers - support + 0.5), 0).astype(np.int64)
+    end = np.minimum(np.trunc(centers + support + 0.5), in_length).astype(np.int64)
+    indices = first[:, None] + np.arange(int((end - first).max()))
+    weights = np.maximum(0.0, 1.0 - np.abs((indices - centers[:, None] + 0.5) / support))
+    weights[indices >= end[:, None]] = 0.0
+    weights /= weights.sum(1, keepdims=True)
+    return np.minimum(indices, in_length - 1), weights
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:
