@@ -76,6 +76,16 @@ def calibrate(image_scores: np.ndarray, map_maxima: np.ndarray, false_alarm_rate
                        tuple(float(s) for s in image_scores), tuple(float(m) for m in map_maxima))
 
 
+def chosen_thresholds(image: float, pixel: float, image_threshold: float | None = None) -> tuple[float, float]:
+    """(image, pixel) thresholds: the stored ``image`` and ``pixel`` ones, or ``image_threshold`` with the pixel
+    threshold scaled by the same factor, so that regions keep their relation to the verdicts."""
+    if image_threshold is None:
+        return image, pixel
+    if not (math.isfinite(image_threshold) and image_threshold > 0):
+        raise UserError(f"the image threshold must be a positive number, got {image_threshold}")
+    return image_threshold, pixel * image_threshold / image
+
+
 def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float,
                     inclusive: bool = False) -> dict[str, float | None]:
     """False-alarm rate on good images, recall on defective ones and precision of 'anomalous: score > threshold'

@@ -276,6 +276,47 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+@dataclass
+class ExportConfig:
+    """export.py's settings: which checkpoint, in which format, where."""
+
+    category: str = _option("", "the category whose checkpoint is exported (required)")
+    checkpoint_dir: str = _option("checkpoints", "where the memory banks are")
+    format: str = _option("onnx", "'onnx' (ONNX Runtime, TensorRT, ...) or 'openvino' (IR .xml + .bin)",
+                          choices=("onnx", "openvino"))
+    output: str = _option("exported", "folder of the bundle: <category>.onnx (or .xml + .bin) and <category>.json")
+    search_chunk: int = _option(16384, "bank entries the graph compares a query with at a time: its largest tensor "
+                                       "is queries x search_chunk floats (64 KiB a query at 16384)", check=at_least(1))
+
+    def __post_init__(self) -> None:
+        if self.category:
+            self.category = plain_name(self.category)
+
+    def validate(self) -> None:
+        if not self.category:
+            raise UserError("export.py exports one category: pass --category NAME (a checkpoint in "
+                            f"'{self.checkpoint_dir}')")
+        check_fields(self)
+
+
+@dataclass
+class DeployConfig:
+    """predict_exported.py's settings: inspect images with an exported model, without torch."""
+
+    model: str = _option("", "the exported model: <category>.onnx or <category>.xml, its <category>.json beside it",
+                         positional=True)
+    paths: tuple[str, ...] = _option((), "images, folders (searched recursively) or glob patterns", positional=True)
+    runtime: str = _option("auto", "'onnxruntime', 'openvino', or 'auto' (openvino for .xml, onnxruntime for .onnx)",
+                           choices=("auto", "onnxruntime", "openvino"))
+    output: str | None = _option(None, "CSV of the verdicts (default: results/<category>/predictions.csv)")
+    batch_size: int = _option(8, "images per run of the model", check=at_least(1))
+    threshold: float | None = _option(None, "image-score threshold instead of the bundle's (the pixel threshold "
+                                            "scales with it)", check=POSITIVE)
+
+    def validate(self) -> None:
+        check_fields(self)
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
     """Add one --flag per dataclass field (a positional argument where the field says so), with default and help;
     a value outside the field's choices or check is a usage error when the flags are parsed."""
@@ -284,7 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         flag, default, help_text = f"--{f.name}", f.default, f.metadata["help"]
         hint = _without_none(hints[f.name])
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="+", metavar=f.name.rstrip("s").upper(), help=help_text)
+            nargs = "+" if hint == tuple[str, ...] else None
+            parser.add_argument(f.name, nargs=nargs, metavar=f.name.rstrip("s").upper(), help=help_text)
         elif hint is bool:
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(flag, action=action, default=default, help=help_text)
@@ -313,6 +355,16 @@ def _parser_of(hint: Any, metadata: dict) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # what argparse names in its messages
     return parse
+
+
+def parse_flags(description: str, *config_classes: type) -> list[Any]:
+    """A script's command line parsed into one instance of each settings dataclass (their flags together in
+    --help; ``description`` is its docstring)."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for config_class in config_classes:
+        add_arguments(parser, config_class)
+    args = parser.parse_args()
+    return [from_arguments(config_class, args) for config_class in config_classes]
 
 
 def _without_none(hint: Any) -> Any:

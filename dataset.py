@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from config import UserError
-from images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, image_size, prepare, read_pixels
+from images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, image_size, prepare, prepared_or_error, read_pixels
 
 GOOD = "good"
 LARGE_IMAGE = 4  # images of over 4x the model's input pixels are decoded in worker processes on any CPU
@@ -92,6 +92,11 @@ def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tens
         unit = torch.from_numpy(prepare(pixels, resize, image_size))
     except ValueError as err:
         raise UserError(f"cannot use pixel array: {err}") from None
+    return normalized(unit)
+
+
+def normalized(unit: torch.Tensor) -> torch.Tensor:
+    """images.prepare's (C, S, S) in [0, 1] as RGB, ImageNet-normalised: the model's input (3, S, S)."""
     return (unit.expand(3, -1, -1) - _MEAN) / _STD
 
 
@@ -199,10 +204,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        path = self.paths[index]
-        try:
-            image, error = load_image(path, self.resize, self.image_size), ""
-        except Exception as err:  # noqa: BLE001  (e.g. MemoryError resizing a huge image: that image's row says so)
-            reason = str(err) if isinstance(err, UserError) else f"cannot read image '{path}' ({type(err).__name__}: {err})"
-            image, error = torch.zeros(3, self.image_size, self.image_size), reason
-        return {"image": image, "error": error, "index": index}
+        prepared, error = prepared_or_error(self.paths[index], self.resize, self.image_size)
+        if prepared is None:
+            return {"image": torch.zeros(3, self.image_size, self.image_size), "error": error, "index": index}
+        return {"image": normalized(torch.from_numpy(prepared)), "error": "", "index": index}

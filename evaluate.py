@@ -17,7 +17,7 @@ import metrics
 import plots
 from atomic import WriteError, atomic_write_json, atomic_write_text, check_writable_folder
 from calibration import operating_point
-from config import ArgumentParser, EvalConfig, UserError, add_arguments, from_arguments, plain_name, run_cli
+from config import EvalConfig, UserError, parse_flags, plain_name, run_cli
 from dataset import MVTecDataset, denormalize, make_loader
 from images import display_name
 from patchcore import PatchCore, checkpoint_path
@@ -208,9 +208,7 @@ def evaluate(run: EvalConfig) -> dict:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__)
-    add_arguments(parser, EvalConfig)
-    summary = evaluate(from_arguments(EvalConfig, parser.parse_args()))
+    summary = evaluate(*parse_flags(__doc__, EvalConfig))
     if summary["failed"]:
         print(f"error: {len(summary['failed'])} categories failed ({', '.join(summary['failed'])}); "
               f"{len(summary['categories'])} evaluated", file=sys.stderr)

@@ -171,6 +171,17 @@ def resize_weights(in_length: int, out_length: int) -> tuple[np.ndarray, np.ndar
     return np.minimum(indices, in_length - 1), weights
 
 
+def prepared_or_error(path: str | Path, resize: int, image_size: int) -> tuple[np.ndarray | None, str]:
+    """``prepare(read_pixels(path))``, or None and the reason when anything fails (e.g. MemoryError resizing a huge
+    image): one file's problem stays that file's row."""
+    try:
+        return prepare(read_pixels(path), resize, image_size), ""
+    except UserError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001
+        return None, f"cannot read image '{path}' ({type(err).__name__}: {err})"
+
+
 def expand_paths(patterns: Sequence[str]) -> list[Path]:
     """The image files named by ``patterns``, in order, each real file once (the first path naming it): a file as
     it is; a folder's images recursively; a glob pattern's (``*``, ``?``, ``[...]``, ``**`` for any depth)

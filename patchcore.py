@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from atomic import atomic_write
 from backbone import FeatureExtractor
-from calibration import Calibration
+from calibration import Calibration, chosen_thresholds
 from config import PatchCoreConfig, UserError, cpu_has_native_bf16
 from coreset import FeatureStore, Projection, choose_coreset
 from dataset import image_tensor, load_image
@@ -146,7 +146,7 @@ def _gaussian_matrix(size: int, sigma: float, truncate: float = 4.0) -> torch.Te
 
 
 @functools.lru_cache(maxsize=8)
-def _map_operator(source: int, size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def map_operator(source: int, size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return (_gaussian_matrix(size, sigma) @ _upsampling_matrix(source, size)).to(device, dtype)
 
 
@@ -155,9 +155,41 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.T
     reference does with F.interpolate and scipy.ndimage.gaussian_filter. Both are separable linear maps, so
     they are folded into one small matrix per axis and applied as two batched products on the scores' device."""
     _, height, width = patch_scores.shape
-    rows = _map_operator(height, size, sigma, patch_scores.device, patch_scores.dtype)
-    columns = _map_operator(width, size, sigma, patch_scores.device, patch_scores.dtype)
+    rows = map_operator(height, size, sigma, patch_scores.device, patch_scores.dtype)
+    columns = map_operator(width, size, sigma, patch_scores.device, patch_scores.dtype)
     return rows @ patch_scores @ columns.T
+
+
+def score_patches(features: torch.Tensor, nearest: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  neighbourhood: Callable[[torch.Tensor], torch.Tensor], bank: Callable[[torch.Tensor], torch.Tensor],
+                  config: PatchCoreConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features (B, h, w, D) -> image scores (B,) and anomaly maps (B, S, S): the scoring of PatchCore.predict
+    and of the exported graph alike. ``nearest(queries)`` gives each query's L2 distance to its nearest bank entry
+    and that entry's index; ``neighbourhood(entries)`` the indices of each entry's k nearest entries and
+    ``bank(entries)`` their rows (both used only for k > 1). A patch's score is its distance, the image's the
+    largest, reweighted for k > 1 by the paper's Eq. 7; the map is the patch scores upsampled and smoothed."""
+    batch, height, width, dim = features.shape
+    distances, indices = nearest(features.reshape(-1, dim))
+    patch_scores = distances.reshape(batch, height * width)
+    image_scores = patch_scores.max(1).values
+    if config.k > 1:
+        image_scores = _reweight(features.reshape(batch, -1, dim), patch_scores, indices.view(batch, -1),
+                                 neighbourhood, bank)
+    maps = anomaly_maps(patch_scores.view(batch, height, width), config.image_size, config.blur_sigma)
+    return image_scores, maps
+
+
+def _reweight(features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor,
+              neighbourhood: Callable[[torch.Tensor], torch.Tensor],
+              bank: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The paper's Eq. 7: damp the maximal patch score s* when the bank entry m* nearest to that test patch lies in a
+    dense bank region, s = (1 - exp(s*) / sum over the k nearest bank entries m of m* of exp(||m_test* - m||)) * s*."""
+    rows = torch.arange(features.shape[0], device=features.device)
+    worst = patch_scores.argmax(1)
+    test_patch = features[rows, worst]
+    distances = (test_patch[:, None] - bank(neighbourhood(nearest[rows, worst]))).norm(dim=-1)
+    s_star = patch_scores[rows, worst]
+    return (1 - torch.exp(s_star - torch.logsumexp(distances, dim=1))) * s_star
 
 
 def _sync(device: torch.device) -> None:
@@ -310,43 +342,22 @@ class PatchCore:
     def _score(self, features: torch.Tensor, neighbours: NearestNeighbours,
                bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (B, h, w, D) -> image scores (B,) and anomaly maps (B, S, S) against ``bank``."""
-        batch, height, width, dim = features.shape
-        distances, nearest = neighbours.search(features.reshape(-1, dim), self.config.k)
-        patch_scores = distances[:, 0].reshape(batch, height * width)
-        image_scores = patch_scores.max(1).values
-        if self.config.k > 1:
-            image_scores = self._reweight(features.reshape(batch, -1, dim), patch_scores,
-                                          nearest[:, 0].view(batch, -1), neighbours, bank)
-        maps = anomaly_maps(patch_scores.view(batch, height, width), self.config.image_size, self.config.blur_sigma)
-        return image_scores, maps
+        def nearest(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            distances, indices = neighbours.search(queries, 1)
+            return distances[:, 0], indices[:, 0]
 
-    def _reweight(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor,
-                  neighbours: NearestNeighbours, bank: torch.Tensor) -> torch.Tensor:
-        """The paper's Eq. 7: damp the maximal patch score s* when the bank entry m* nearest to that test
-        patch lies in a dense bank region, s = (1 - exp(s*) / sum over the k nearest bank entries m of m*
-        of exp(||m_test* - m||)) * s*."""
-        rows = torch.arange(len(features), device=features.device)
-        worst = patch_scores.argmax(1)
-        test_patch = features[rows, worst]
-        anchor = bank[nearest[rows, worst]]
-        _, neighbourhood = neighbours.search(anchor, self.config.k)
-        distances = (test_patch[:, None] - bank[neighbourhood]).norm(dim=-1)
-        s_star = patch_scores[rows, worst]
-        return (1 - torch.exp(s_star - torch.logsumexp(distances, dim=1))) * s_star
+        return score_patches(features, nearest, lambda entries: neighbours.search(bank[entries], self.config.k)[1],
+                             bank.__getitem__, self.config)
 
     def thresholds(self, image_threshold: float | None = None) -> tuple[float, float]:
         """(image, pixel) thresholds: the calibrated ones, or ``image_threshold`` with the pixel threshold scaled
         by the same factor, so that regions keep their relation to the verdicts."""
-        if image_threshold is not None and not (math.isfinite(image_threshold) and image_threshold > 0):
-            raise UserError(f"the image threshold must be a positive number, got {image_threshold}")
         if self.calibration is None:
             if image_threshold is None:
                 raise UserError("this checkpoint has no calibrated thresholds: retrain it with train.py, or pass a "
                                 "threshold")
-            return image_threshold, image_threshold
-        stored = self.calibration.image_threshold
-        chosen = stored if image_threshold is None else image_threshold
-        return chosen, self.calibration.pixel_threshold * chosen / stored
+            return chosen_thresholds(image_threshold, image_threshold)
+        return chosen_thresholds(self.calibration.image_threshold, self.calibration.pixel_threshold, image_threshold)
 
     def inspect(self, images: torch.Tensor | Sequence[str | Path | np.ndarray], threshold: float | None = None,
                 batch_size: int = 32) -> Inspection:

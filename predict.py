@@ -8,7 +8,6 @@ Exit code 0 when every image was scored, 1 when some could not be read (their ro
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,11 +17,11 @@ from tqdm import tqdm
 
 import plots
 from atomic import check_writable_folder
-from config import ArgumentParser, Interrupted, PredictConfig, UserError, add_arguments, from_arguments, run_cli
+from config import PredictConfig, UserError, parse_flags, run_cli
 from dataset import ImageFiles, denormalize, make_loader
 from images import display_name, expand_paths
 from patchcore import PatchCore, checkpoint_path, model_identity
-from verdicts import VerdictFile, error_row
+from verdicts import VerdictFile, error_row, report
 
 
 def picture_path(maps: Path, root: Path, path: Path) -> Path:
@@ -79,9 +78,7 @@ def predict(run: PredictConfig) -> int:
     model_id = model_identity(checkpoint)
     source = "--threshold" if run.threshold is not None else "stored"
     writer = VerdictFile(output, model_id, (image_threshold, pixel_threshold))
-    done = writer.open()
-    todo = [path for path in files if str(path) not in done]
-    resumed = f"; resuming: {len(files) - len(todo)} already have their verdict in {writer.partial}" if done else ""
+    todo, resumed = writer.start(files)
     print(f"[{run.category}] {len(files)} images; model {model_id}; {source} image threshold {image_threshold:.4g}, "
           f"pixel threshold {pixel_threshold:.4g}; {model.config.backbone} on {model.device}{resumed}")
     root = Path(os.path.commonpath([os.path.realpath(path.parent) for path in files]))
@@ -90,28 +87,15 @@ def predict(run: PredictConfig) -> int:
         pictures = inspect_files(model, todo, run, writer, model_id, root) if todo else 0
         rows = writer.finish(files)
     except KeyboardInterrupt:
-        raise Interrupted(f"the verdicts so far are in '{writer.partial}': rerun the same command to resume") from None
+        raise writer.interrupted() from None
     finally:
         writer.close()
-    seconds = time.perf_counter() - start
-    failed = sum(1 for row in rows if row["error"])
-    anomalous = sum(1 for row in rows if row["anomalous"] == "1")
     maps = f", {pictures} pictures in {run.maps}" if run.maps else ""
-    this_run = f" ({len(todo)} in this run)" if done else ""
-    print(f"scored {len(rows) - failed}, anomalous {anomalous}, failed {failed}{this_run} in {seconds:.1f} s "
-          f"({len(todo) / max(seconds, 1e-9):.1f} images/s) -> {output}{maps}")
-    if failed:
-        print(f"error: {failed} of {len(rows)} images could not be read: see the error column of {output}",
-              file=sys.stderr)
-    return 1 if failed else 0
+    return report(rows, len(todo), writer.resumed, time.perf_counter() - start, output, maps)
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, PredictConfig)
-    code = predict(from_arguments(PredictConfig, parser.parse_args()))
-    if code:
-        sys.exit(code)
+    sys.exit(predict(*parse_flags(__doc__, PredictConfig)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import faiss
 import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from config import cpu_has_native_bf16
 
@@ -232,3 +234,117 @@ class NearestNeighbours:
             return best.values, candidates.gather(1, best.indices)
         squared, nearest = _exact_among(self.bank.numpy(), queries.numpy(), candidates.numpy(), k)
         return torch.from_numpy(squared), torch.from_numpy(nearest)
+
+
+class GraphSearch(nn.Module):
+    """Each query's nearest bank entry, exactly, in plain tensor operations that an exported graph (ONNX Runtime,
+    OpenVINO) runs: PrunedFlatIndex's search, with its principal axes, bounds, candidates and settle rule.
+
+    At each level, the bounds of the queries still open against every bank entry give ``candidates`` + 1 entries per
+    query, among which the nearest is found by the product form of the distance; a query is settled when that
+    distance lies below the next bound, with PrunedFlatIndex's margin (which also covers the product form's
+    rounding). The open queries go on to the next level, and those left after the last one to a full search (the
+    ``candidates`` nearest by the product form, the nearest of them as before). The distance returned is computed
+    directly, as a sum of squared differences, for the entry found. Bank and queries are centred on the bank's mean
+    (distances unchanged, products smaller).
+
+    Memory: the bank and its bounds are held as chunks of ``chunk`` entries, each a constant of its own that is
+    read in place (products with it, rows gathered from it), so that no runtime folds a slice or transpose of the
+    bank into a second copy; and no tensor of queries x bank entries is larger than queries x ``chunk`` (64 KiB a
+    query at 16,384: 49 MiB for a 224-px image's 784 patches), whatever the bank's size. The candidates' rows take
+    about as much (a query's 16 rows: 64 KiB at 1024 dimensions).
+    """
+
+    def __init__(self, index: PrunedFlatIndex, chunk: int = 16384):
+        super().__init__()
+        self.candidates, self.margin = index.candidates, index.margin
+        self.levels = len(index.levels)
+        mean = index.mean if self.levels else np.zeros(index.bank.shape[1], np.float32)
+        centered = torch.from_numpy(index.bank - mean)
+        self.size, self.bank_norm = len(centered), float(centered.square().sum(1).max())
+        self.register_buffer("mean", torch.from_numpy(mean))
+        bounds = [torch.as_tensor(bounds_index.reconstruct_n(0, bounds_index.ntotal)) for _, bounds_index in index.levels]
+        for level, (axes, _) in enumerate(index.levels):
+            self.register_buffer(f"axes{level}", torch.from_numpy(axes))
+        self.starts = list(range(0, len(centered), chunk))
+        for c, start in enumerate(self.starts):
+            rows = centered[start:start + chunk]
+            self.register_buffer(f"bank{c}", rows.clone())
+            self.register_buffer(f"bank_norms{c}", rows.square().sum(1))
+            for level, level_bounds in enumerate(bounds):
+                part = level_bounds[start:start + chunk]
+                # (-2 b, ||b||^2, 1): one product with a point's (p, 1, ||p||^2) is their squared distance
+                self.register_buffer(f"bounds{level}_{c}", torch.cat([-2 * part, part.square().sum(1, keepdim=True),
+                                                                      torch.ones(len(part), 1)], 1))
+
+    def forward(self, centered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distances (M,) and bank indices (M,) of the nearest entry of each query (M, D), given centred
+        on the bank's mean: ``queries - self.mean``."""
+        count = centered.shape[0]  # not len(): that would fix the graph to one number of queries
+        nearest = torch.zeros(count, dtype=torch.long, device=centered.device)
+        todo, part, part_norms = torch.arange(count, device=centered.device), centered, centered.square().sum(1)
+        for level in range(self.levels):
+            head = part @ getattr(self, f"axes{level}")
+            head_norms = head.square().sum(1, keepdim=True)
+            tail = (part_norms[:, None] - head_norms).clamp_min(0)  # the squared norm of the rest
+            points = torch.cat([head, tail.sqrt(), torch.ones_like(tail), head_norms + tail], 1)
+            tables = [(getattr(self, f"bounds{level}_{c}"), None) for c in range(len(self.starts))]
+            lower, candidates = self._smallest(points, tables, self.candidates + 1)
+            part_squared, part_nearest = self._nearest_among(part, part_norms, candidates[:, :self.candidates])
+            done = lower[:, self.candidates] >= part_squared + self.margin * (part_norms + self.bank_norm)
+            nearest = nearest.index_put((todo[done],), part_nearest[done])
+            open_ = torch.nonzero(~done).squeeze(1)
+            todo, part, part_norms = todo[open_], part[open_], part_norms[open_]
+        tables = [(getattr(self, f"bank{c}"), getattr(self, f"bank_norms{c}")) for c in range(len(self.starts))]
+        _, candidates = self._smallest(part, tables, min(self.candidates, self.size))
+        nearest = nearest.index_put((todo,), self._nearest_among(part, part_norms, candidates)[1])
+        return (centered - self.rows(nearest)).square().sum(1), nearest
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The (centred) bank rows of ``indices`` (any shape), gathered from each chunk in turn."""
+        return self._gather(indices, lambda c, local: getattr(self, f"bank{c}")[local])
+
+    def _gather(self, indices: torch.Tensor, take) -> torch.Tensor:
+        """``take(c, local)``, chunk c's values at its local indices, for every index, merged over the chunks."""
+        merged = None
+        for c, start in enumerate(self.starts):
+            length = getattr(self, f"bank_norms{c}").shape[0]
+            values = take(c, (indices - start).clamp(0, length - 1))
+            if merged is None:
+                merged = values
+                continue
+            inside = indices >= start
+            merged = torch.where(inside.view(*inside.shape, *[1] * (values.dim() - inside.dim())), values, merged)
+        return merged
+
+    def _smallest(self, points: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor | None]],
+                  count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``count`` smallest squared distances of each point to the rows of the chunked table, ascending, and
+        their row indices, in product form: ||p||^2 - 2 p.t + ||t||^2 with each chunk's norms, or, where they are
+        None, one product of points and a chunk already extended for it. Each chunk's ``count`` smallest are
+        merged."""
+        point_norms = points.square().sum(1, keepdim=True) if tables[0][1] is not None else None
+        values, indices = [], []
+        for start, (rows, norms) in zip(self.starts, tables):
+            distances = F.linear(points, rows)  # a product with the chunk as it is stored: nothing to transpose
+            if norms is not None:
+                distances = point_norms - 2 * distances + norms
+            chunk_values, chunk_indices = distances.topk(min(count, len(rows)), dim=1, largest=False)
+            values.append(chunk_values)
+            indices.append(chunk_indices + start)
+        if len(values) == 1:
+            return values[0], indices[0]
+        merged, order = torch.cat(values, 1).topk(count, dim=1, largest=False)
+        return merged, torch.cat(indices, 1).gather(1, order)
+
+    def _nearest_among(self, queries: torch.Tensor, query_norms: torch.Tensor,
+                       candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nearest of each (centred) query's candidate entries by the product form of the squared distance, that
+        distance and the entry's index: one pass over the candidates' rows, chunk by chunk."""
+        def half_distances(c: int, local: torch.Tensor) -> torch.Tensor:  # ||b||^2 - 2 q.b
+            products = (getattr(self, f"bank{c}")[local] @ queries[:, :, None])[:, :, 0]
+            return getattr(self, f"bank_norms{c}")[local] - 2 * products
+
+        squared, position = self._gather(candidates, half_distances).min(1)
+        return squared + query_norms, candidates.gather(1, position[:, None])[:, 0]
+

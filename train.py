@@ -11,7 +11,7 @@ import torch
 
 from calibration import calibrate
 from atomic import check_writable_folder
-from config import ArgumentParser, PatchCoreConfig, TrainConfig, UserError, add_arguments, from_arguments, run_cli
+from config import PatchCoreConfig, TrainConfig, UserError, parse_flags, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
 from download import ensure_dataset
 from patchcore import PatchCore, checkpoint_path, read_checkpoint
@@ -114,11 +114,8 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> list[str]:
 
 
 def main() -> None:
-    parser = ArgumentParser(description=__doc__)
-    add_arguments(parser, TrainConfig)
-    add_arguments(parser, PatchCoreConfig)
-    args = parser.parse_args()
-    failed = train(from_arguments(PatchCoreConfig, args), from_arguments(TrainConfig, args))
+    run, model_config = parse_flags(__doc__, TrainConfig, PatchCoreConfig)
+    failed = train(model_config, run)
     if failed:
         print(f"error: {len(failed)} categories failed ({', '.join(failed)}): see the lines above", file=sys.stderr)
         sys.exit(1)

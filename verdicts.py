@@ -12,13 +12,14 @@ import functools
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from atomic import WriteError, atomic_write_text, check_writable_folder
-from config import UserError
+from config import Interrupted, UserError
 
 COLUMNS = ("path", "score", "normalized_score", "anomalous", "region_fraction", "model", "error")
 _BYTES = {"encoding": "utf-8", "errors": "surrogateescape"}  # a file name's bytes are kept exactly
@@ -86,7 +87,7 @@ class VerdictFile:
         self.output = Path(output)
         run = hashlib.sha256(f"{model}|{thresholds[0]!r}|{thresholds[1]!r}".encode()).hexdigest()[:10]
         self.partial = self.output.with_name(f"{self.output.name}.{run}.partial")
-        self.file = None
+        self.file, self.resumed = None, False
 
     @staticmethod
     def check(output: str | os.PathLike) -> None:
@@ -119,6 +120,18 @@ class VerdictFile:
             raise WriteError(f"cannot write '{self.partial}' ({err.strerror or err}): choose a writable --output"
                              ) from None
         return done
+
+    def start(self, files: Sequence[Path]) -> tuple[list[Path], str]:
+        """Open (or resume) the partial file: the files that still need a verdict, and a note on the resumption."""
+        done = self.open()
+        todo = [path for path in files if str(path) not in done]
+        self.resumed = bool(done)
+        note = f"; resuming: {len(files) - len(todo)} already have their verdict in {self.partial}" if done else ""
+        return todo, note
+
+    def interrupted(self) -> Interrupted:
+        """What Ctrl-C says while verdicts are being written."""
+        return Interrupted(f"the verdicts so far are in '{self.partial}': rerun the same command to resume")
 
     def append(self, rows: Sequence[dict]) -> None:
         """Add ``rows`` to the partial file, on disk when this returns; on failure the file is as before."""
@@ -166,6 +179,20 @@ class VerdictFile:
     def close(self) -> None:
         if self.file is not None and not self.file.closed:
             self.file.close()
+
+
+def report(rows: Sequence[dict], scored_now: int, resumed: bool, seconds: float, output: Path, extra: str = "") -> int:
+    """Print the run's one-line summary (and, when some images could not be read, an error line); returns the exit
+    code: 1 when some could not be read, else 0."""
+    failed = sum(1 for row in rows if row["error"])
+    anomalous = sum(1 for row in rows if row["anomalous"] == "1")
+    this_run = f" ({scored_now} in this run)" if resumed else ""
+    print(f"scored {len(rows) - failed}, anomalous {anomalous}, failed {failed}{this_run} in {seconds:.1f} s "
+          f"({scored_now / max(seconds, 1e-9):.1f} images/s) -> {output}{extra}")
+    if failed:
+        print(f"error: {failed} of {len(rows)} images could not be read: see the error column of {output}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _complete_rows(path: Path) -> list[dict]:

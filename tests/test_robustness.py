@@ -121,7 +121,7 @@ def test_loader_turns_any_exception_into_the_files_row(tmp_path: Path, monkeypat
     def out_of_memory(*args):
         raise MemoryError("cannot allocate 12 GiB")
 
-    monkeypatch.setattr("dataset.image_tensor", out_of_memory)
+    monkeypatch.setattr("images.prepare", out_of_memory)
     item = ImageFiles([path], 16, 16)[0]
     assert "MemoryError" in item["error"] and str(path) in item["error"] and item["image"].shape == (3, 16, 16)
 
