@@ -4,8 +4,10 @@ Trains and evaluates both categories through the real CLI and fails if bottle fa
 pixel AUROC 0.975 (a minimal PatchCore on the same data and weights gets 1.000 / 0.982), if magnetic-tile test
 images saved as 16-bit PNG score more than 0.1% apart from their 8-bit originals, or if the pruned search finds
 another nearest bank entry than the flat search for a test patch (beyond float32 ties), or the bf16 candidate search
-(the default on CPUs with AMX) a farther one for over 0.1% of them. Prints the operating points
-of the thresholds train.py stored. Exits 0, saying so, when ../shared is absent (a user's clone).
+(the default on CPUs with AMX) a farther one for over 0.1% of them, or if the exported model (export.py, in ONNX
+Runtime and OpenVINO through predict_exported.py) scores a test image more than 1e-4 apart from predict.py with the
+checkpoint, or gives another verdict. Prints the operating points of the thresholds train.py stored. Exits 0, saying
+so, when ../shared is absent (a user's clone).
 """
 from __future__ import annotations
 
@@ -92,6 +94,36 @@ def search_check(checkpoints: Path, category: str, images: int = 60) -> list[str
     return failures
 
 
+def _scores(path: Path) -> dict[str, tuple[float, str]]:
+    with open(path, newline="") as f:
+        return {row["path"]: (float(row["score"]), row["anomalous"]) for row in csv.DictReader(f)}
+
+
+def deploy_check(tmp: Path, category: str) -> list[str]:
+    """Every test image of ``category`` through predict.py with the checkpoint, and through the exported model in
+    ONNX Runtime (the .onnx file) and OpenVINO (the IR): the scores must agree to 1e-4 relative, the verdicts all."""
+    test, checkpoints = CATEGORIES[category] / category / "test", tmp / "checkpoints"
+    run("predict.py", "--category", category, "--checkpoint_dir", str(checkpoints), "--output",
+        str(tmp / f"{category}_checkpoint.csv"), str(test))
+    expected, failures = _scores(tmp / f"{category}_checkpoint.csv"), []
+    for kind in ("onnx", "openvino"):
+        run("export.py", "--category", category, "--checkpoint_dir", str(checkpoints), "--format", kind,
+            "--output", str(tmp / "exported"))
+    for model, runtime in ((f"{category}.onnx", "onnxruntime"), (f"{category}.xml", "openvino")):
+        output = tmp / f"{category}_{runtime}.csv"
+        run("predict_exported.py", str(tmp / "exported" / model), str(test), "--runtime", runtime, "--output",
+            str(output))
+        scores = _scores(output)
+        difference = max(abs(scores[path][0] / score - 1) for path, (score, _) in expected.items())
+        flips = sum(scores[path][1] != verdict for path, (_, verdict) in expected.items())
+        print(f"{category}: exported model in {runtime} on {len(expected)} test images: largest relative score "
+              f"difference {difference:.1e}, {flips} verdicts differ from the checkpoint's")
+        if difference > 1e-4 or flips:
+            failures.append(f"{category}: the exported model in {runtime} differs from the checkpoint "
+                            f"({difference:.1e}, {flips} verdicts)")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results_dir", help="keep results here (default: a temporary folder)")
@@ -117,6 +149,7 @@ def main() -> int:
             failures += [f"{category} {metric} {figures[metric]:.4f} < {minimum}"
                          for metric, minimum in THRESHOLDS.get(category, {}).items() if figures[metric] < minimum]
             failures += search_check(checkpoints, category)
+            failures += deploy_check(Path(tmp), category)
         failures += sixteen_bit_check(Path(tmp))
     if failures:
         print("real-data check FAILED: " + "; ".join(failures))

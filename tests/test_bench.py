@@ -42,6 +42,25 @@ def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path,
     assert len(table) == 4 and table[2].startswith("| resnet18, coreset 0.1, fp32, pruned search | 8.0 + 4.0 s |")
 
 
+def test_deploy_benchmark_times_every_path_and_the_reference(data_root: Path, tmp_path: Path) -> None:
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text(STUB_ANCHOR, encoding="utf-8")
+    run = run_script("benchmarks/deploy.py", "--data_path", data_root, "--category", "tiles", "--backbone",
+                     "resnet18", "--weights", "none", "--coreset_ratios", "0.1", "--passes", "1", "--anchor", anchor,
+                     "--results_dir", tmp_path, *SMALL_WITHOUT_RATIO[4:], cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines() == [
+        f"{data_root} tiles 0.1 --backbone resnet18 --weights none"]
+    row = json.loads((tmp_path / "deploy_benchmark.json").read_text(encoding="utf-8"))["rows"]["0.1"]
+    assert list(row["paths"]) == ["torch", "onnxruntime", "openvino"] and row["test_images"] == 18
+    for figures in row["paths"].values():
+        assert figures["batch_1"]["ms_per_image"] > 0 and figures["batch_32"]["images_per_s"] > 0
+        assert figures["end_to_end_images_per_s"] > 0 and figures["batch_1"]["peak_rss_mib"] > 0
+    assert row["reference"]["end_to_end_images_per_s"] == 18 / 6.0
+    table = (tmp_path / "deploy_benchmark.md").read_text(encoding="utf-8").splitlines()
+    assert len(table) == 6 and table[-1].startswith("| 0.1 (") and "reference code" in table[-1]
+
+
 def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root: Path, tmp_path: Path) -> None:
     """With --same_picks, fp32's own row on its own picks is the end-to-end fp32 run: the same bank, the same
     AUROCs."""
