@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import platform
 import sys
 import time
@@ -27,6 +28,7 @@ from calibration import Calibration, chosen_thresholds
 from config import PatchCoreConfig, UserError, cpu_has_native_bf16
 from coreset import FeatureStore, Projection, choose_coreset
 from dataset import image_tensor, load_image
+from images import file_sha256
 from search import NearestNeighbours
 from verdicts import Inspection
 
@@ -100,8 +102,8 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """Backbone maps (B, C_l, h_l, w_l) -> patch features (B, h_0, w_0, dim)."""
-        batch, _, height, width = maps[0].shape
-        out = maps[0].new_zeros(batch, self.dim, height, width, dtype=self.kernels0.dtype)
+        height, width = maps[0].shape[-2:]
+        pieces, covered = [], 0
         for layer, x in enumerate(maps):
             kernels, index, weight = (getattr(self, f"{name}{layer}") for name in ("kernels", "index", "weight"))
             local = F.conv2d(x.to(kernels.dtype), kernels, padding=self.patch_size // 2, groups=x.shape[1])
@@ -110,8 +112,14 @@ class PatchEmbedding(nn.Module):
             if features.shape[-2:] != (height, width):
                 features = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
             start, end = self.output_ranges[layer]
-            out[:, start:end] += features
-        return out.permute(0, 2, 3, 1)
+            overlap = covered - start  # outputs whose pooling bin spans this layer and the one before: their sum
+            if overlap > 0:
+                pieces[-1] = torch.cat([pieces[-1][:, :-overlap], pieces[-1][:, -overlap:] + features[:, :overlap]], 1)
+                features = features[:, overlap:]
+            pieces.append(features)
+            covered = end
+        # layers' outputs side by side (an exported graph runs a slice-assignment as transposes and a scatter)
+        return torch.cat(pieces, 1).permute(0, 2, 3, 1)
 
 
 def _require_finite(features: torch.Tensor, dataset, indices: torch.Tensor) -> None:
@@ -215,6 +223,14 @@ class PatchCore:
         self.memory_bank: torch.Tensor | None = None
         self.neighbours: NearestNeighbours | None = None
         self.calibration: Calibration | None = None
+        # Provenance: the images that built the bank ({"path", "sha256"}, and "removed" once taken out), the image of
+        # each bank entry (index into images, -1 unknown), the versions (history: one entry per training or update,
+        # with what undoes it), the greedy's coverage radius; and the checkpoint's other fields (category, ...).
+        self.images: list[dict] = []
+        self.entry_images: torch.Tensor | None = None
+        self.history: list[dict] = []
+        self.coverage_radius: float | None = None
+        self.metadata: dict = {}
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, reduced_precision: bool = True) -> torch.Tensor:
@@ -264,12 +280,17 @@ class PatchCore:
             _sync(self.device)
             features_s = time.perf_counter() - start
             start = time.perf_counter()
-            picks, shards = choose_coreset(points, config.coreset_ratio, projection, config.coreset,
-                                           config.coreset_shard_size)
+            coreset = choose_coreset(points, config.coreset_ratio, projection, config.coreset,
+                                     config.coreset_shard_size)
+            picks, shards = coreset.picks, coreset.shards
             if shards > 1:
                 print(f"coreset: greedy on {shards} shards of ~{store.num_rows // shards:,} patches, merged "
                       f"(--coreset {config.coreset}, --coreset_shard_size {config.coreset_shard_size:,})")
             self.set_memory_bank(store.rows(picks))
+            self.coverage_radius = coreset.radius
+            self.images = image_records(loader.dataset)
+            self.entry_images = (picks.cpu() // (grid[0] * grid[1])).to(torch.int32)
+            self.history = []
             _sync(self.device)
             report = {"features_s": features_s, "coreset_s": time.perf_counter() - start,
                       "num_patches": store.filled, "memory_bank_size": len(picks), "feature_grid": grid,
@@ -306,10 +327,10 @@ class PatchCore:
         held_out = torch.as_tensor(list(held_out))
         every = torch.arange(store.filled)
         others = every[~torch.isin(every // patches_per_image, held_out)].to(points.device)
-        picks, _ = choose_coreset(points, self.config.coreset_ratio, projection, self.config.coreset,
-                                  self.config.coreset_shard_size, rows=others)
+        picks = choose_coreset(points, self.config.coreset_ratio, projection, self.config.coreset,
+                               self.config.coreset_shard_size, rows=others).picks
         bank = store.rows(picks)
-        neighbours = self._neighbours(bank)
+        neighbours = self.index_for(bank)
         if loader is None:
             offsets = torch.arange(patches_per_image)
             batches = (store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
@@ -320,26 +341,27 @@ class PatchCore:
             batches = (self.embed(batch["image"]) for batch in images)
         scores, maxima = [], []
         for features in batches:
-            image_scores, maps = self._score(features, neighbours, bank)
+            image_scores, maps = self.score(features, neighbours, bank)
             scores += image_scores.tolist()
             maxima += maps.flatten(1).max(1).values.tolist()
         return {"image_scores": scores, "map_maxima": maxima}
 
-    def _neighbours(self, bank: torch.Tensor) -> NearestNeighbours:
+    def index_for(self, bank: torch.Tensor) -> NearestNeighbours:
+        """The search index of ``bank`` with this model's search and precision settings."""
         return NearestNeighbours(bank, self.search, self.config.ivf_probe, bf16=self.precision == "bf16")
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.to(self.device).float()
-        self.neighbours = self._neighbours(self.memory_bank)
+        self.neighbours = self.index_for(self.memory_bank)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and anomaly maps (B, S, S), both on the model's device."""
         if self.neighbours is None:
             raise RuntimeError("PatchCore.predict needs a memory bank: call fit() or load a checkpoint")
-        return self._score(self.embed(images), self.neighbours, self.memory_bank)
+        return self.score(self.embed(images), self.neighbours, self.memory_bank)
 
-    def _score(self, features: torch.Tensor, neighbours: NearestNeighbours,
+    def score(self, features: torch.Tensor, neighbours: NearestNeighbours,
                bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (B, h, w, D) -> image scores (B,) and anomaly maps (B, S, S) against ``bank``."""
         def nearest(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,12 +399,36 @@ class PatchCore:
             maps.append(image_maps.cpu().numpy())
         return Inspection(np.concatenate(scores), np.concatenate(maps), *self.thresholds(threshold))
 
+    @property
+    def version(self) -> int:
+        """1 after training, one more with each update (add_good, remove_images); rollback goes back one."""
+        return self.history[-1]["version"] if self.history else 1
+
+    def add_good(self, images: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0) -> dict:
+        """Add good images (files) to the model without retraining: update.add_good. Returns its report."""
+        from update import add_good  # noqa: PLC0415  (update.py builds on this module)
+        return add_good(self, images, batch_size, num_workers)
+
+    def remove_images(self, images: Sequence[str | Path]) -> dict:
+        """Drop the bank entries (and calibration scores) of images added by mistake: update.remove_images."""
+        from update import remove_images  # noqa: PLC0415
+        return remove_images(self, images)
+
+    def rollback(self) -> dict:
+        """Restore the version before the last update, exactly: update.rollback."""
+        from update import rollback  # noqa: PLC0415
+        return rollback(self)
+
     def save(self, path: str | Path, **metadata) -> Path:
-        """Write the memory bank, the calibration, the backbone weights, the complete config and ``metadata``
-        atomically: the file alone is enough to inspect images (no weights file or download needed)."""
+        """Write the memory bank, the calibration, the backbone weights, the complete config, the provenance and
+        history, the checkpoint's earlier fields (``self.metadata``, e.g. category) and ``metadata`` atomically: the
+        file alone is enough to inspect images (no weights file or download needed) and to update the model."""
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **self.metadata,
+            **metadata,
             "config": dataclasses.asdict(self.config),
             "memory_bank": self.memory_bank.cpu(),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
@@ -390,10 +436,12 @@ class PatchCore:
             "resolved_search": self.search,
             "weights_digest": self.extractor.weights_digest,
             "backbone_state": self.extractor.weights_state,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "torchvision": str(torchvision.__version__), "faiss": str(faiss.__version__)},
-            **metadata,
+            "images": self.images,
+            "entry_images": self.entry_images,
+            "history": self.history,
+            "coverage_radius": self.coverage_radius,
         }
         return atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
 
@@ -414,6 +462,13 @@ class PatchCore:
         model.set_memory_bank(checkpoint["memory_bank"])
         if checkpoint["calibration"] is not None:
             model.calibration = Calibration.from_dict(checkpoint["calibration"])
+        model.images, model.history = checkpoint.get("images", []), checkpoint.get("history", [])
+        model.entry_images = checkpoint.get("entry_images")
+        if model.entry_images is None:  # a checkpoint from before provenance: its entries' images are unknown
+            model.entry_images = torch.full((len(model.memory_bank),), -1, dtype=torch.int32)
+        model.coverage_radius = checkpoint.get("coverage_radius")
+        model.metadata = {key: checkpoint[key] for key in ("category", "data_path", "created", "device",
+                                                            "num_train_images", "timings") if key in checkpoint}
         return model, checkpoint
 
 
@@ -425,8 +480,18 @@ def _torch_save(value: dict, path: Path) -> None:
 
 
 def model_identity(checkpoint: dict) -> str:
-    """What names a model in the verdicts it gives: its category and when it was trained."""
-    return f"{checkpoint.get('category', 'model')}@{checkpoint.get('created', 'unknown')}"
+    """What names a model in the verdicts it gives: its category, when it was trained, and its version."""
+    history = checkpoint.get("history") or [{"version": 1}]
+    return f"{checkpoint.get('category', 'model')}@{checkpoint.get('created', 'unknown')}/v{history[-1]['version']}"
+
+
+def image_records(dataset) -> list[dict]:
+    """The provenance of a data set's images: each one's resolved path and SHA-256 (its index when the data set
+    has no files)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return [{"path": f"image {i}", "sha256": None} for i in range(len(dataset))]
+    return [{"path": os.path.realpath(sample.path), "sha256": file_sha256(sample.path)} for sample in samples]
 
 
 def checkpoint_path(checkpoint_dir: str | Path, category: str) -> Path:
@@ -465,6 +530,12 @@ def read_checkpoint(path: str | Path, category: str | None = None) -> dict:
     if len(bank) == 0 or not bool(torch.isfinite(bank).all()):
         raise UserError(f"checkpoint '{path}' has an empty memory bank or NaN / infinite entries in it: retrain with "
                         f"train.py")
+    entry_images = checkpoint.get("entry_images")
+    if entry_images is not None and (not isinstance(entry_images, torch.Tensor) or entry_images.shape != (len(bank),)
+                                     or not isinstance(checkpoint.get("images"), list)
+                                     or not isinstance(checkpoint.get("history"), list)):
+        raise UserError(f"checkpoint '{path}' has damaged provenance (bank entries without their images): retrain "
+                        f"with train.py")
     calibration = checkpoint.get("calibration")
     if calibration is not None and not _valid_calibration(calibration):
         raise UserError(f"checkpoint '{path}' has thresholds that are not positive finite numbers: retrain with "

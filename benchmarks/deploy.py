@@ -13,8 +13,9 @@ path runs in a process of its own, whose peak RSS is that path's (the exported o
   per image, after one warm-up image) and in batches of 32 (throughput in images/s, after one warm-up batch), by
   PatchCore.predict (this machine's defaults), ONNX Runtime on the .onnx and OpenVINO on the IR as
   predict_exported.py opens them;
-- end to end: predict.py and predict_exported.py over the test folder at batch 32, decoding included (the rate
-  they print, which leaves out their start-up and model loading);
+- end to end: predict.py and predict_exported.py over --copies copies of the test images (hard links under other
+  names, so each is an image of its own) at batch 32, decoding included: the rate they print, which leaves out
+  their start-up and model loading;
 - the reference code (--reference_ratios; ../shared/anchors/run_official.py): its in-process test inference,
   decoding included, with its own loader (batch 2, 8 workers), after training on the same data and weights.
 Results: <results_dir>/deploy_benchmark.json and .md, rewritten after each ratio.
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from config import _cpu_flags, cpu_has_native_bf16  # noqa: E402
-from images import prepared_or_error  # noqa: E402
+from images import expand_paths, prepared_or_error  # noqa: E402
 
 ANCHOR = ROOT.parent / "shared" / "anchors" / "run_official.py"
 PATHS = {"torch": "checkpoint", "onnxruntime": "onnx", "openvino": "xml"}  # path -> the model file it runs
@@ -97,8 +98,6 @@ def end_to_end(command: list[str]) -> float:
 
 def prepared_test_images(data_path: str, category: str, resize: int, image_size: int, path: Path) -> Path:
     """The category's test images as the model takes them, (N, C, S, S), saved once for every path to read."""
-    from images import expand_paths  # noqa: PLC0415
-
     arrays = [prepared_or_error(file, resize, image_size)[0] for file in expand_paths([f"{data_path}/{category}/test"])]
     channels = max(len(a) for a in arrays)
     np.save(path, np.stack([np.broadcast_to(a, (channels, *a.shape[1:])) for a in arrays]))
@@ -121,7 +120,14 @@ def benchmark_ratio(args: argparse.Namespace, ratio: float, work: Path) -> dict:
                                   work / "test_images.npy")
     models = {"torch": checkpoints / f"{args.category}.pt", "onnxruntime": exported / f"{args.category}.onnx",
               "openvino": exported / f"{args.category}.xml"}
-    test = f"{args.data_path}/{args.category}/test"
+    stream = work / "stream"
+    if not stream.exists():
+        for copy in range(args.copies):
+            for i, path in enumerate(expand_paths([f"{args.data_path}/{args.category}/test"])):
+                target = stream / f"{copy}_{i:04d}{path.suffix}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path.resolve(), target)
+    test = str(stream)
     row = {"bank_entries": contract["search"]["bank_entries"], "test_images": len(np.load(images)), "paths": {}}
     for path, model in models.items():
         figures = {f"batch_{batch}": run_json([sys.executable, __file__, "--measure", path, str(model), str(images),
@@ -178,6 +184,7 @@ def main() -> None:
     parser.add_argument("--reference_ratios", type=float, nargs="*", default=None,
                         help="ratios at which the reference code also runs (default: all)")
     parser.add_argument("--passes", type=int, default=2, help="times the test set is scored per measurement")
+    parser.add_argument("--copies", type=int, default=5, help="copies of the test set in the end-to-end stream")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="the reference code's runner")
     parser.add_argument("--results_dir", default="results")
     args, args.train_flags = parser.parse_known_args()  # the rest goes to train.py (e.g. --resize, --batch_size)

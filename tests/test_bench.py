@@ -46,7 +46,7 @@ def test_deploy_benchmark_times_every_path_and_the_reference(data_root: Path, tm
     anchor = tmp_path / "anchor.py"
     anchor.write_text(STUB_ANCHOR, encoding="utf-8")
     run = run_script("benchmarks/deploy.py", "--data_path", data_root, "--category", "tiles", "--backbone",
-                     "resnet18", "--weights", "none", "--coreset_ratios", "0.1", "--passes", "1", "--anchor", anchor,
+                     "resnet18", "--weights", "none", "--coreset_ratios", "0.1", "--passes", "1", "--copies", "2", "--anchor", anchor,
                      "--results_dir", tmp_path, *SMALL_WITHOUT_RATIO[4:], cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "anchor.py.calls").read_text(encoding="utf-8").splitlines() == [
