@@ -1,28 +1,16 @@
 """The exported model's bundle: <category>.onnx (or .xml + .bin) and the JSON contract beside it, which export.py
-writes and predict_exported.py reads. numpy-free and torch-free."""
+writes and predict_exported.py reads. torch-free."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from config import UserError
+from images import file_sha256
 
 FORMAT, VERSION = "patchcore-export", 1
 FORMATS = {".onnx": "onnx", ".xml": "openvino"}  # the format of each model file
 RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}  # the runtime each format runs on by default
-
-
-def sha256_of(path: Path) -> str | None:
-    """The file's SHA-256 in hex; None when it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def read_bundle(model: Path) -> dict:
@@ -47,7 +35,7 @@ def read_bundle(model: Path) -> dict:
         raise UserError(f"'{path}' does not describe '{model.name}' (it is from another export): export the model "
                         f"again")
     for name, expected in files.items():
-        if sha256_of(model.parent / name) != expected:
+        if file_sha256(model.parent / name) != expected:
             raise UserError(f"'{model.parent / name}' does not match its SHA-256 in '{path}' (missing, damaged, or "
                             f"from another export): export the model again")
     return bundle

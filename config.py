@@ -239,6 +239,14 @@ class TrainConfig(RunConfig):
                                          "chosen: 'memory', 'disk' (a temporary file in $TMPDIR; only the 128-d "
                                          "projections stay in memory), or 'auto' (disk when they would fill over a "
                                          "quarter of the free memory)", choices=("auto", "memory", "disk"))
+    add_good: tuple[str, ...] = _option((), "update the category's checkpoint with these good images (files, folders, "
+                                            "globs, a .txt of paths, or predict.py's CSV: its rows marked 1 in a "
+                                            "'good' column, or all): their patches beyond the bank's coverage are "
+                                            "added, the thresholds set again; no retraining, the previous version "
+                                            "kept for --rollback")
+    remove_images: tuple[str, ...] = _option((), "update the checkpoint: drop the bank entries and calibration scores "
+                                                 "of these images (added by mistake)")
+    rollback: bool = _option(False, "restore the checkpoint's version before its last update")
 
     def resolved_data_path(self) -> str:
         """--data_path, else the environment variable, else the default."""
@@ -331,7 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(flag, action=action, default=default, help=help_text)
         elif hint == tuple[str, ...]:
-            parser.add_argument(flag, nargs="+", default=list(default), help=f"{help_text} (default: {' '.join(default)})")
+            shown = f" (default: {' '.join(default)})" if default else ""
+            parser.add_argument(flag, nargs="+", default=list(default), help=help_text + shown)
         else:
             shown = "" if default in (None, "") else f" (default: {default})"
             parser.add_argument(flag, type=_parser_of(hint, f.metadata), default=default,

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,46 +31,81 @@ class Projection:
         return generator
 
 
+@dataclass
+class GreedyRun:
+    """One greedy k-center run over some of the points: each point's squared distance to the run's picks so far
+    (-inf for points outside the run, which are never picked), the picks it may still make, and the distance at or
+    below which it stops early. At its end, the largest distance left is its coverage radius: every point of the run
+    lies that close to a pick (the next pick would be that far)."""
+
+    nearest: torch.Tensor
+    remaining: int
+    floor: float = -math.inf
+    picks: list[int] = field(default_factory=list)
+
+    @property
+    def radius(self) -> float:
+        return float(self.nearest.max()) if len(self.nearest) else 0.0
+
+
 def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, rows: torch.Tensor | None = None,
-                   num_starts: int = 10, candidates: int = 1024, progress: bool = True) -> torch.Tensor:
+                   num_starts: int = 10, candidates: int = 1024, progress: bool = True) -> tuple[torch.Tensor, float]:
     """Indices of the reference's approximate greedy k-center coreset of projected points (N, P), or of its
-    ``rows`` (sorted indices) alone, with no copy of them: the other points are never picked and cover nothing.
+    ``rows`` (sorted indices) alone, with no copy of them: the other points are never picked and cover nothing; and
+    its coverage radius (GreedyRun.radius, a squared distance on the projection).
 
     As in the reference, each point's distance starts as its mean distance to ``num_starts`` random points, and
     each pick is the point whose distance is largest, after which every distance becomes the smaller of itself
     and the distance to the pick. The picks are the same as that one-at-a-time greedy's (up to float rounding of
-    near-ties), made in passes: each pass takes the ``candidates`` points of largest distance and runs the greedy
-    on them alone for as long as its next pick's distance stays above every other point's (which can only
-    shrink), so that pick is the one the full greedy would make. Then one matrix product brings every point's
-    distance up to date with the pass's picks (often hundreds), instead of one memory-bound sweep per pick.
+    near-ties), made in passes (see run_greedy).
     """
     num_points = len(points) if rows is None else len(rows)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
-        return torch.arange(num_points, device=points.device) if rows is None else rows
+        return (torch.arange(num_points, device=points.device) if rows is None else rows), 0.0
     starts = torch.randint(num_points, (num_starts,), generator=generator).to(points.device)
     starts = starts if rows is None else rows[starts]
-    parts = points.split(1 << 16)  # no temporary as big as the points
-    squared_norms = torch.cat([part.square().sum(1) for part in parts])
-    nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in parts])
+    squared_norms = squared_row_norms(points)
+    nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in points.split(1 << 16)])
     if rows is not None:
         outside = torch.ones_like(nearest, dtype=torch.bool)
         outside[rows] = False
         nearest[outside] = -math.inf
-    picks: list[int] = []
-    with tqdm(total=count, desc="coreset", unit="pick", disable=not progress, mininterval=1.0) as bar:
-        while len(picks) < count:
-            new = _greedy_on_candidates(points, squared_norms, nearest, min(candidates, len(points) - 1),
-                                        count - len(picks))
-            _update_nearest(points, squared_norms, nearest, new)
-            picks += new
-            bar.update(len(new))
-    return torch.tensor(picks, device=points.device)
+    run = GreedyRun(nearest, count)
+    run_greedy(points, squared_norms, [run], candidates, progress)
+    return torch.tensor(run.picks, device=points.device), run.radius
+
+
+def squared_row_norms(points: torch.Tensor) -> torch.Tensor:
+    return torch.cat([part.square().sum(1) for part in points.split(1 << 16)])  # no temporary as big as the points
+
+
+def run_greedy(points: torch.Tensor, squared_norms: torch.Tensor, runs: list[GreedyRun], candidates: int = 1024,
+               progress: bool = True) -> None:
+    """Make every run's picks, exactly as the one-at-a-time greedy makes them, in passes: in each pass, each run
+    takes the ``candidates`` points of largest distance and runs the greedy on them alone for as long as its next
+    pick's distance stays above every other point's (which can only shrink), so that pick is the one the full greedy
+    would make; then one matrix product of every point with all the runs' new picks (often hundreds) brings each
+    run's distances up to date with its own, instead of one memory-bound sweep per pick."""
+    size = min(candidates, len(points) - 1)
+    with tqdm(total=sum(run.remaining for run in runs), desc="coreset", unit="pick", disable=not progress,
+              mininterval=1.0) as bar:
+        active = [run for run in runs if run.remaining > 0]
+        while active:
+            new = [_greedy_on_candidates(points, squared_norms, run.nearest, size, run.remaining, run.floor)
+                   for run in active]
+            _update_nearest(points, squared_norms, [run.nearest for run in active], new)
+            for run, picks in zip(active, new):
+                run.picks += picks
+                run.remaining = 0 if not picks else run.remaining - len(picks)
+                bar.update(len(picks))
+            active = [run for run in active if run.remaining > 0]
 
 
 def _greedy_on_candidates(points: torch.Tensor, squared_norms: torch.Tensor, nearest: torch.Tensor, size: int,
-                          limit: int) -> list[int]:
-    """The next picks of the full greedy (at most ``limit``), found among the ``size`` farthest points alone."""
+                          limit: int, floor: float = -math.inf) -> list[int]:
+    """The next picks of the full greedy (at most ``limit``, none at a distance at or below ``floor``), found among
+    the ``size`` farthest points alone; none when the greedy has ended."""
     values, indices = nearest.topk(size + 1)
     bound = values[size]  # no other point is farther, now or after more picks
     order = indices[:size].argsort()  # index order: ties go to the lowest index, as the full argmax does
@@ -78,52 +114,105 @@ def _greedy_on_candidates(points: torch.Tensor, squared_norms: torch.Tensor, nea
     picks: list[int] = []
     while len(picks) < limit:
         best = int(distances.argmax())
-        if not distances[best] > bound:
+        if not (distances[best] > bound and distances[best] > floor):
             break
         picks.append(int(indices[best]))
         torch.minimum(distances, torch.addmv(norms, rows, rows[best], alpha=-2).add_(norms[best]), out=distances)
-    return picks or [int(nearest.argmax())]
+    if picks:
+        return picks
+    farthest = int(nearest.argmax())
+    return [farthest] if nearest[farthest] > floor else []
 
 
-def _update_nearest(points: torch.Tensor, squared_norms: torch.Tensor, nearest: torch.Tensor, picks: list[int],
-                    block_elements: int = 1 << 22) -> None:
-    """nearest = min(nearest, squared distance to the nearest of ``picks``), a block of points at a time."""
-    chosen, chosen_norms = points[picks], squared_norms[picks]
-    block = max(1024, block_elements // len(picks))
+def _update_nearest(points: torch.Tensor, squared_norms: torch.Tensor, nearest: list[torch.Tensor],
+                    picks: list[list[int]], block_elements: int = 1 << 22) -> None:
+    """Each nearest[r] = min(nearest[r], squared distance to the nearest of ``picks[r]``), for all runs r in one
+    product per block of points."""
+    columns = [pick for run_picks in picks for pick in run_picks]
+    if not columns:
+        return
+    chosen, chosen_norms = points[columns], squared_norms[columns]
+    ends = torch.tensor([len(run_picks) for run_picks in picks]).cumsum(0).tolist()
+    block = max(1024, block_elements // len(columns))
     for start in range(0, len(points), block):
         end = start + block
         distances = torch.addmm(chosen_norms, points[start:end], chosen.T, alpha=-2)
         distances.add_(squared_norms[start:end, None])
-        torch.minimum(nearest[start:end], distances.amin(1), out=nearest[start:end])
+        for run_nearest, first, last in zip(nearest, [0, *ends[:-1]], ends):
+            if last > first:
+                torch.minimum(run_nearest[start:end], distances[:, first:last].amin(1), out=run_nearest[start:end])
 
 
 def sharded_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, num_shards: int,
-                    rows: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+                    rows: torch.Tensor | None = None, progress: bool = True) -> tuple[torch.Tensor, float]:
     """The greedy coreset of each of ``num_shards`` seeded random, equal parts of the points (or of their ``rows``),
-    merged (sorted).
+    merged (sorted), and its coverage radius (the largest of the shards').
 
     The time of greedy k-center grows as points x picks, so ``num_shards`` shards cost 1 / num_shards of the exact
     greedy at the same ratio. Each shard gets 1 / num_shards of the picks, so the merged picks cover the points
     less tightly than the exact greedy's: see the README for what that costs in AUROC."""
     eligible = torch.arange(len(points), device=points.device) if rows is None else rows
     order = eligible[torch.randperm(len(eligible), generator=generator).to(points.device)]
-    picks = []
+    picks, radius = [], 0.0
     for shard in tqdm(order.tensor_split(num_shards), desc="coreset shards", unit="shard", disable=not progress):
         shard = shard.sort().values
-        picks.append(shard[greedy_coreset(points[shard], ratio, generator, progress=False)])
-    return torch.cat(picks).sort().values
+        shard_picks, shard_radius = greedy_coreset(points[shard], ratio, generator, progress=False)
+        picks.append(shard[shard_picks])
+        radius = max(radius, shard_radius)
+    return torch.cat(picks).sort().values, radius
+
+
+@dataclass(frozen=True)
+class Coreset:
+    """A chosen coreset: indices into the points, the shards it was chosen on (1: the exact greedy), and its
+    coverage radius: every point chosen from lies within that squared distance of a pick, on the projection."""
+
+    picks: torch.Tensor
+    shards: int
+    radius: float
 
 
 def choose_coreset(points: torch.Tensor, ratio: float, projection: Projection, mode: str, shard_size: int,
-                   rows: torch.Tensor | None = None, progress: bool = True) -> tuple[torch.Tensor, int]:
-    """Coreset indices of the projected points (N, P), or of its ``rows`` only (sorted indices into all N), and
-    the number of shards used (1: exact greedy). mode 'auto' shards sets of more than ``shard_size`` points."""
+                   rows: torch.Tensor | None = None, progress: bool = True) -> Coreset:
+    """The coreset of the projected points (N, P), or of its ``rows`` only (sorted indices into all N); mode 'auto'
+    shards sets of more than ``shard_size`` points."""
     num_points = len(points) if rows is None else len(rows)
     num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
     generator = projection.generator()
     if num_shards == 1:
-        return greedy_coreset(points, ratio, generator, rows, progress=progress), 1
-    return sharded_coreset(points, ratio, generator, num_shards, rows, progress), num_shards
+        picks, radius = greedy_coreset(points, ratio, generator, rows, progress=progress)
+    else:
+        picks, radius = sharded_coreset(points, ratio, generator, num_shards, rows, progress)
+    return Coreset(picks, num_shards, radius)
+
+
+def distances_to(bank_points: torch.Tensor, points: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Each point's squared distance (N,) to its nearest row of ``bank_points``, in blocks of block x block."""
+    squared_norms, bank_norms = squared_row_norms(points), squared_row_norms(bank_points)
+    nearest = torch.full((len(points),), math.inf, device=points.device)
+    for start in range(0, len(points), block):
+        for first in range(0, len(bank_points), block):
+            distances = torch.addmm(bank_norms[first:first + block], points[start:start + block],
+                                    bank_points[first:first + block].T, alpha=-2)
+            distances.add_(squared_norms[start:start + block, None])
+            torch.minimum(nearest[start:start + block], distances.amin(1), out=nearest[start:start + block])
+    return nearest
+
+
+def continued_run(nearest_to_bank: torch.Tensor, count: int, radius: float,
+                  rows: torch.Tensor | None = None) -> GreedyRun:
+    """A greedy run that continues a bank's greedy over new points (or their ``rows``): the bank's entries count as
+    picks already made, so each point starts at its squared distance to the bank (``distances_to``), and points no
+    farther than ``radius`` (the bank's coverage radius, with 1e-4 to spare for the float rounding of features
+    computed again) are never picked; at most ``count`` picks. A point already in the bank, or one like the points
+    the bank was chosen from, adds nothing."""
+    floor = radius * (1 + 1e-4)
+    nearest = nearest_to_bank.clone()
+    if rows is not None:
+        outside = torch.ones_like(nearest, dtype=torch.bool)
+        outside[rows] = False
+        nearest[outside] = -math.inf
+    return GreedyRun(nearest, count, floor)
 
 
 def available_memory(device: torch.device) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 import bundle
 from atomic import WriteError, atomic_write_json, check_writable_folder
 from config import ExportConfig, UserError, parse_flags, run_cli
-from images import IMAGENET_MEAN, IMAGENET_STD
+from images import IMAGENET_MEAN, IMAGENET_STD, file_sha256
 from patchcore import PatchCore, checkpoint_path, map_operator, model_identity, score_patches
 from search import GraphSearch, NearestNeighbours, PrunedFlatIndex
 
@@ -160,7 +160,7 @@ def export(run: ExportConfig) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{run.category}.export.", dir=output))
     try:
         files = write_graph(module, staging, run.category, run.format)
-        digests = {path.name: bundle.sha256_of(path) for path in files}
+        digests = {path.name: file_sha256(path) for path in files}
         for path in files:  # the model files first, the JSON that names them last: no bundle is ever half there
             os.replace(path, output / path.name)
         json_path = output / f"{run.category}.json"

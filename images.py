@@ -5,6 +5,7 @@ exported model's runner (predict_exported.py), so that every path reads a file t
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -31,6 +32,19 @@ _DEEP_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 FULL_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1, "float64": 1}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """The file's SHA-256 in hex (what identifies a training image, or an exported model's file); None when it
+    cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def display_name(path: str | os.PathLike) -> str:

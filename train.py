@@ -1,10 +1,15 @@
-"""Build a PatchCore memory bank per category: python train.py --data_path "/path/to/MVTec AD" --category bottle"""
+"""Build a PatchCore memory bank per category: python train.py --data_path "/path/to/MVTec AD" --category bottle
+
+Keep a trained model current without retraining: --add_good IMAGES (good images, e.g. the false rejects of
+predict.py's CSV), --remove_images IMAGES (added by mistake), --rollback (the version before the last update).
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -15,6 +20,7 @@ from config import PatchCoreConfig, TrainConfig, UserError, parse_flags, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
 from download import ensure_dataset
 from patchcore import PatchCore, checkpoint_path, read_checkpoint
+from update import good_paths, thresholds_of
 
 
 def is_up_to_date(path: Path, config: PatchCoreConfig, weights_digest: str, data_path: str) -> bool:
@@ -66,7 +72,65 @@ def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig,
             f"about {math.ceil(1 / c.false_alarm_rate)} would do)" if c.rule == "gumbel" else "")
     print(f"[{category}] thresholds for {c.false_alarm_rate:.1%} false alarms from {len(names)} {source} images, "
           f"rule '{c.rule}': image {c.image_threshold:.4g}, pixel {c.pixel_threshold:.4g}{note}")
+    model.history = [{"version": 1, "action": "train", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "images": len(dataset), "entries": len(model.memory_bank), "thresholds_after": thresholds_of(model)}]
     return timings
+
+
+def update(run: TrainConfig, model_config: PatchCoreConfig, explicit: set[str]) -> int:
+    """--add_good, --remove_images or --rollback on one category's checkpoint: every model setting comes from the
+    checkpoint (a flag given that contradicts it is refused); the file is replaced atomically, holding the previous
+    version in its history. Returns the exit code: 1 when some images to add could not be read."""
+    actions = [name for name in ("add_good", "remove_images", "rollback") if getattr(run, name)]
+    if len(actions) > 1:
+        raise UserError(f"--{' and --'.join(actions)}: one update at a time")
+    if run.category == "all":
+        raise UserError(f"--{actions[0]} updates one category's checkpoint: pass --category NAME")
+    path = checkpoint_path(run.checkpoint_dir, run.category)
+    files = good_paths(run.add_good) if run.add_good else [Path(p) for p in run.remove_images]
+    model, checkpoint = PatchCore.load(path, run.resolved_device(), run.category)
+    contradicting = sorted(name for name in explicit if getattr(model_config, name) != getattr(model.config, name))
+    if contradicting:
+        raise UserError(f"{', '.join(f'--{name} {getattr(model_config, name)}' for name in contradicting)} "
+                        f"contradict{'s' if len(contradicting) == 1 else ''} '{path}' "
+                        f"({', '.join(f'{name} {getattr(model.config, name)}' for name in contradicting)}): an update "
+                        f"takes every model setting from the checkpoint; retrain to change them")
+    check_writable_folder(run.checkpoint_dir, "checkpoints")
+    start = time.perf_counter()
+    if run.add_good:
+        report = model.add_good(files, run.batch_size, run.num_workers)
+    elif run.remove_images:
+        report = model.remove_images(files)
+    else:
+        report = model.rollback()
+    model.save(path)
+    print(update_summary(run.category, report, model, time.perf_counter() - start, path))
+    for error in report.get("unreadable", []):
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if report.get("unreadable") else 0
+
+
+def update_summary(category: str, report: dict, model: PatchCore, seconds: float, path: Path) -> str:
+    """The one line an update ends with: the version, what changed, the thresholds and how they were set."""
+    if report["action"] == "rollback":
+        undone = report["undone"]
+        return (f"[{category}] rolled back v{undone['version']} ({undone['action']} of {len(undone['images'])} images): "
+                f"v{report['version']}, {len(model.memory_bank):,} bank entries, thresholds {_thresholds(undone, 'before')}"
+                f" -> {path}")
+    changed = (f"added {report['entries_added']:,} bank entries from {len(report['images'])} new images"
+               if report["action"] == "add_good" else
+               f"removed {report['entries_removed']:,} bank entries of {len(report['images'])} images")
+    skipped = "".join(f", {len(report[key])} {label}" for key, label in
+                      (("duplicates", "already in the model"), ("unreadable", "unreadable")) if report.get(key))
+    version = f"v{report['version']}" if report["new_version"] else f"nothing new, still v{report['version']}"
+    return (f"[{category}] {version}: {changed}{skipped}, {len(model.memory_bank):,} in all; thresholds "
+            f"{_thresholds(report, 'before')} -> {_thresholds(report, 'after')} ({report['calibration']}) in "
+            f"{seconds:.1f} s -> {path}")
+
+
+def _thresholds(entry: dict, when: str) -> str:
+    thresholds = entry[f"thresholds_{when}"]
+    return "none" if thresholds is None else f"image {thresholds['image']:.4g}, pixel {thresholds['pixel']:.4g}"
 
 
 def train(model_config: PatchCoreConfig, run: TrainConfig) -> list[str]:
@@ -115,6 +179,10 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> list[str]:
 
 def main() -> None:
     run, model_config = parse_flags(__doc__, TrainConfig, PatchCoreConfig)
+    if run.add_good or run.remove_images or run.rollback:
+        explicit = {f.name for f in dataclasses.fields(PatchCoreConfig) for argument in sys.argv[1:]
+                    if argument.split("=")[0] in (f"--{f.name}", f"--no-{f.name}")}
+        sys.exit(update(run, model_config, explicit))
     failed = train(model_config, run)
     if failed:
         print(f"error: {len(failed)} categories failed ({', '.join(failed)}): see the lines above", file=sys.stderr)

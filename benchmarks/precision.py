@@ -64,8 +64,8 @@ def same_picks_job(config: PatchCoreConfig, run: EvalConfig, category: str, vari
                               for batch in make_loader(train, run.batch_size, run.num_workers, device)])
         if picks is None:
             projection = Projection(config.embedding_dim, config.projection_dim, config.seed)
-            picks, _ = choose_coreset(features @ projection.matrix.to(device), config.coreset_ratio, projection,
-                                      config.coreset, config.coreset_shard_size)
+            picks = choose_coreset(features @ projection.matrix.to(device), config.coreset_ratio, projection,
+                                   config.coreset, config.coreset_shard_size).picks
         model.set_memory_bank(features[picks].clone())
         del features
         metrics = category_metrics(predict(model, test, run, category), category)

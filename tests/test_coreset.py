@@ -54,7 +54,7 @@ def test_greedy_coreset_equals_brute_force_k_center(seed: int, ratio: float, can
     greedy."""
     features = random_features(300, 40, 100 + seed)
     points, projection = project(features, 16, seed)
-    picks = greedy_coreset(points, ratio, projection.generator(), candidates=candidates, progress=False)
+    picks, _ = greedy_coreset(points, ratio, projection.generator(), candidates=candidates, progress=False)
     assert picks.dtype == torch.long
     assert picks.tolist() == brute_force_coreset(features, ratio, 16, seed)
     assert plain_greedy_coreset(features, ratio, 16, seed).tolist() == picks.tolist()  # the plain reference
@@ -66,8 +66,8 @@ def test_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float, mod
     features = random_features(300, 40, 4)
     rows = torch.arange(300)[torch.arange(300) % 5 != 2]
     points, projection = project(features, 16, 3)
-    picks, _ = choose_coreset(points, ratio, projection, mode, 1000, rows=rows, progress=False)
-    alone, _ = choose_coreset(points[rows], ratio, projection, mode, 1000, progress=False)
+    picks = choose_coreset(points, ratio, projection, mode, 1000, rows=rows, progress=False).picks
+    alone = choose_coreset(points[rows], ratio, projection, mode, 1000, progress=False).picks
     assert picks.tolist() == rows[alone].tolist()
 
 
@@ -76,8 +76,8 @@ def test_greedy_coreset_of_some_rows_with_few_candidates(candidates: int) -> Non
     """The rows left out never enter a pass's picks, however few candidates a pass has."""
     points, projection = project(random_features(300, 40, 8), 16, 3)
     rows = torch.arange(0, 300, 3)
-    picks = greedy_coreset(points, 0.2, projection.generator(), rows, candidates=candidates, progress=False)
-    alone = greedy_coreset(points[rows], 0.2, projection.generator(), candidates=candidates, progress=False)
+    picks, _ = greedy_coreset(points, 0.2, projection.generator(), rows, candidates=candidates, progress=False)
+    alone, _ = greedy_coreset(points[rows], 0.2, projection.generator(), candidates=candidates, progress=False)
     assert picks.tolist() == rows[alone].tolist()
 
 
@@ -86,14 +86,14 @@ def test_greedy_coreset_with_tied_distances_picks_like_the_full_argmax() -> None
     features = random_features(40, 6, 5).repeat(5, 1)
     points, projection = project(features, 6, 1)
     want = brute_force_coreset(features, 0.1, 6, 1)
-    assert greedy_coreset(points, 0.1, projection.generator(), candidates=7, progress=False).tolist() == want
+    assert greedy_coreset(points, 0.1, projection.generator(), candidates=7, progress=False)[0].tolist() == want
 
 
 def test_greedy_coreset_keeps_everything_at_ratio_one_and_picks_distinct_points() -> None:
     points, projection = project(random_features(50, 8, 0), 4, 0)
-    assert torch.equal(greedy_coreset(points, 1.0, projection.generator(), progress=False), torch.arange(50))
+    assert torch.equal(greedy_coreset(points, 1.0, projection.generator(), progress=False)[0], torch.arange(50))
     points, projection = project(random_features(400, 32, 3), 8, 5)
-    picks = greedy_coreset(points, 0.25, projection.generator(), progress=False).tolist()
+    picks = greedy_coreset(points, 0.25, projection.generator(), progress=False)[0].tolist()
     assert len(picks) == 100 and len(set(picks)) == 100
 
 
@@ -103,7 +103,8 @@ def test_sharded_coreset_is_brute_force_greedy_on_each_random_shard(num_points: 
     k-center at the same ratio (start points drawn per shard, in order); the picks merged."""
     ratio, features = 0.1, random_features(num_points, 24, num_points)
     points, projection = project(features, 8, 2)
-    picks, shards = choose_coreset(points, ratio, projection, "auto", shard_size, progress=False)
+    coreset = choose_coreset(points, ratio, projection, "auto", shard_size, progress=False)
+    picks, shards = coreset.picks, coreset.shards
     assert shards == math.ceil(num_points / shard_size)
     generator = projection.generator()
     order = torch.randperm(num_points, generator=generator)
@@ -120,12 +121,13 @@ def test_sharded_coreset_is_brute_force_greedy_on_each_random_shard(num_points: 
 def test_coreset_modes() -> None:
     """'auto' is the exact greedy up to shard_size points; 'sharded' always shards, 'exact' never does."""
     points, projection = project(random_features(200, 16, 9), 8, 0)
-    exact, shards = choose_coreset(points, 0.1, projection, "auto", 200, progress=False)
-    assert shards == 1
-    assert exact.tolist() == greedy_coreset(points, 0.1, projection.generator(), progress=False).tolist()
-    assert choose_coreset(points, 0.1, projection, "exact", 10, progress=False)[0].tolist() == exact.tolist()
-    assert choose_coreset(points, 0.1, projection, "auto", 199, progress=False)[1] == 2
-    assert choose_coreset(points, 0.1, projection, "sharded", 1000, progress=False)[1] == 2
+    coreset = choose_coreset(points, 0.1, projection, "auto", 200, progress=False)
+    exact = coreset.picks
+    assert coreset.shards == 1
+    assert exact.tolist() == greedy_coreset(points, 0.1, projection.generator(), progress=False)[0].tolist()
+    assert choose_coreset(points, 0.1, projection, "exact", 10, progress=False).picks.tolist() == exact.tolist()
+    assert choose_coreset(points, 0.1, projection, "auto", 199, progress=False).shards == 2
+    assert choose_coreset(points, 0.1, projection, "sharded", 1000, progress=False).shards == 2
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

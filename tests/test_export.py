@@ -106,7 +106,7 @@ def test_contract_holds_what_the_line_may_change(bundle: Path, trained_tiles: Tr
     assert "72 x 72" in " ".join(contract["input"]["preprocessing"]["outside_graph"])
     assert set(contract["model"]["files"]) == {"onnx", "openvino"}  # both formats of the same model, one contract
     assert contract["backbone"]["weights_sha256"] == checkpoint["weights_digest"]
-    assert contract["model_id"] == f"tiles@{checkpoint['created']}"
+    assert contract["model_id"] == f"tiles@{checkpoint['created']}/v1"
 
 
 def test_threshold_override_scales_the_pixel_threshold(bundle: Path, trained_tiles: Trained, tmp_path: Path) -> None:

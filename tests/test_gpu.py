@@ -25,8 +25,8 @@ def test_coreset_on_the_gpu_picks_what_the_cpu_picks() -> None:
     projection = Projection(64, 16, 0)
     points = features @ projection.matrix
     for mode in ("exact", "sharded"):
-        cpu, _ = choose_coreset(points, 0.05, projection, mode, 2000, progress=False)
-        gpu, _ = choose_coreset(points.to(GPU), 0.05, projection, mode, 2000, progress=False)
+        cpu = choose_coreset(points, 0.05, projection, mode, 2000, progress=False).picks
+        gpu = choose_coreset(points.to(GPU), 0.05, projection, mode, 2000, progress=False).picks
         agree = len(set(cpu.tolist()) & set(gpu.cpu().tolist())) / len(cpu)
         assert agree > 0.95, mode  # float rounding may swap a few near-ties
 

@@ -173,7 +173,7 @@ def test_predict_scores_equal_evaluate_scores(trained_tiles: Trained, evaluated:
     rows = _rows(tmp_path / "results" / "tiles" / "predictions.csv")  # the default output, under the working dir
     assert list(rows[0]) == ["path", "score", "normalized_score", "anomalous", "region_fraction", "model", "error"]
     created = read_checkpoint(trained_tiles.checkpoint)["created"]
-    assert {row["model"] for row in rows} == {f"tiles@{created}"}
+    assert {row["model"] for row in rows} == {f"tiles@{created}/v1"}
     assert [Path(r["path"]) for r in rows] == sorted(test_dir.rglob("*.png"))
     expected = {r["path"]: float(r["score"]) for r in _rows(evaluated / "tiles" / "scores.csv")}
     threshold = read_checkpoint(trained_tiles.checkpoint)["calibration"]["image_threshold"]

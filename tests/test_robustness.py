@@ -7,7 +7,6 @@ does not stop the others; numeric flags are checked when parsed.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
