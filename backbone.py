@@ -65,6 +65,9 @@ class FeatureExtractor(nn.Module):
             _load_state(model, _load_state_dict(Path(weights)), used, f"weights file '{weights}'")
         self.body = nn.ModuleDict({name: getattr(model, name) for name in used})
         self.channels = tuple(_out_channels(self.body[layer]) for layer in self.layers)
+        self.stride = 2 ** (STAGES.index(self.layers[0]) + 2)  # of the first used layer's grid: 4, 8, 16, 32
+        self.deep_stride = 2 ** (STAGES.index(self.layers[-1]) + 2)  # of the last one's
+        self.receptive_field = _receptive_field(self.body)
         self.eval().requires_grad_(False)
         self.weights_state = self.body.state_dict()  # before folding: what a checkpoint stores to rebuild this
         self.weights_digest = self._digest()
@@ -118,6 +121,25 @@ def _fuse_batchnorm(module: nn.Module) -> None:
     if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d) \
             and isinstance(module[1], nn.BatchNorm2d):
         module[0], module[1] = fuse_conv_bn_eval(module[0], module[1]), nn.Identity()
+
+
+def _receptive_field(body: nn.ModuleDict) -> int:
+    """The receptive field, in input pixels, of the last used layer: along the longest path (stem, then each block's
+    main branch; the 1x1 downsample branches see less), every k x k window adds (k - 1) x the stride so far."""
+    field, jump = 1, 1
+    for name, module in body.items():
+        layers = [module] if name in STEM else [child for block in module for child in
+                                                (block.conv1, block.conv2, getattr(block, "conv3", None)) if child]
+        for layer in layers:
+            if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
+                kernel, stride = (_first(getattr(layer, attr)) for attr in ("kernel_size", "stride"))
+                field += (kernel - 1) * jump
+                jump *= stride
+    return field
+
+
+def _first(value: int | tuple[int, ...]) -> int:
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _out_channels(stage: nn.Sequential) -> int:

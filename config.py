@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING, Any, Callable, get_type_hints
 if TYPE_CHECKING:  # torch is imported where a device is resolved: predict_exported.py runs without it
     import torch
 
+    from images import Geometry
+
 DATA_PATH_ENV = "MVTEC_AD_PATH"
 DEFAULT_DATA_PATH = "data/mvtec_ad"
 CORESET_MODES = ("auto", "exact", "sharded")
+# Pixels a CPU pushes through the model at a time: 8 images at 224 px, whose activations stay in the caches (ResNet-50
+# on a 2-core EPYC with 32 MiB L3: 17 images/s in groups of 8 at 224 px, 13 in one of 32); the torch path and the
+# exported model's runner both go by it.
+CPU_PIXELS_PER_PASS = 8 * 224 * 224
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SEARCHES = ("auto", "pruned", "flat", "ivf")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2")
@@ -73,15 +79,15 @@ def _option(default: Any, help: str, **kwargs: Any) -> Any:
 
 
 def check_fields(config: Any) -> None:
-    """UserError for the first field of a settings dataclass whose value breaks its choices or check (a float
-    must also be finite: nan and inf pass no range test by accident)."""
+    """UserError for the first field of a settings dataclass whose value (or a number of its values) breaks its
+    choices or check (a float must also be finite: nan and inf pass no range test by accident)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if value is None or isinstance(value, (tuple, bool)):
-            continue
-        problem = _problem(value, f.metadata)
-        if problem:
-            raise UserError(f"--{f.name} {problem}")
+        for item in value if isinstance(value, tuple) else (value,):
+            problem = None if item is None or isinstance(item, (bool, str)) and not f.metadata.get("choices") \
+                else _problem(item, f.metadata)
+            if problem:
+                raise UserError(f"--{f.name} {problem}")
 
 
 def _problem(value: Any, metadata: dict) -> str | None:
@@ -103,8 +109,13 @@ class PatchCoreConfig:
     backbone: str = _option("wide_resnet50_2", f"ImageNet backbone: {', '.join(BACKBONES)}")
     weights: str = _option("imagenet", "'imagenet' (torchvision download/cache), 'none' (random), or a state-dict file")
     layers: tuple[str, ...] = _option(("layer2", "layer3"), "backbone stages whose features are used")
-    resize: int = _option(256, "images are resized to resize x resize ...", check=at_least(1))
-    image_size: int = _option(224, "... then center-cropped to image_size x image_size", check=at_least(1))
+    resize: tuple[int, ...] = _option((256,), "images are resized to this height and width (one number: a square) "
+                                              "...", check=at_least(1))
+    image_size: tuple[int, ...] = _option((224,), "... then center-cropped to this height and width (one number: a "
+                                                  "square): the model's input", check=at_least(1))
+    keep_aspect: bool = _option(False, "resize keeping each image's aspect ratio: scaled by one factor until it "
+                                       "covers --resize (the excess is cropped with the rest); off: squeezed to "
+                                       "--resize, as the reference does")
     patch_size: int = _option(3, "neighbourhood of the local feature aggregation", check=ODD)
     embedding_dim: int = _option(1024, "dimension of the patch features", check=at_least(1))
     coreset_ratio: float = _option(0.25, "fraction of training patches kept in the memory bank, in (0, 1]",
@@ -150,8 +161,22 @@ class PatchCoreConfig:
         bad_layers = [name for name in self.layers if name not in ("layer1", "layer2", "layer3", "layer4")]
         if bad_layers or not self.layers:
             raise UserError(f"--layers takes names from layer1..layer4, got {' '.join(self.layers)}")
-        if self.image_size > self.resize:
-            raise UserError(f"--image_size ({self.image_size}) must be at most --resize ({self.resize})")
+        for name in ("resize", "image_size"):
+            values = getattr(self, name)
+            if len(values) not in (1, 2) or min(values) < 1:
+                raise UserError(f"--{name} takes one positive number (a square) or a height and a width, got "
+                                f"{' '.join(map(str, values))}")
+        geometry = self.geometry
+        if geometry.size[0] > geometry.resize[0] or geometry.size[1] > geometry.resize[1]:
+            raise UserError(f"--image_size ({' '.join(map(str, self.image_size))}) must be at most --resize "
+                            f"({' '.join(map(str, self.resize))}) in height and width")
+
+    @property
+    def geometry(self) -> Geometry:
+        """How an image becomes the model's input."""
+        from images import Geometry  # noqa: PLC0415  (images.py imports this module)
+
+        return Geometry.of(self.resize, self.image_size, self.keep_aspect)
 
     def resolved_precision(self, device: torch.device) -> str:
         """The precision 'auto' stands for on ``device``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
@@ -239,6 +264,12 @@ class TrainConfig(RunConfig):
                                          "chosen: 'memory', 'disk' (a temporary file in $TMPDIR; only the 128-d "
                                          "projections stay in memory), or 'auto' (disk when they would fill over a "
                                          "quarter of the free memory)", choices=("auto", "memory", "disk"))
+    long_side: int | None = _option(None, "choose --image_size and --resize from the training images: their shape "
+                                          "(the median) with its long side this many pixels (0: their own size), "
+                                          "in multiples of 16, the aspect ratio kept (--keep_aspect)",
+                                    check=at_least(0))
+    roi: str | None = _option(None, "a mask of the area to inspect (white: inspect, black: ignore), the size of the "
+                                    "training images; default: <category>/roi.png when there is one")
     add_good: tuple[str, ...] = _option((), "update the category's checkpoint with these good images (files, folders, "
                                             "globs, a .txt of paths, or predict.py's CSV: its rows marked 1 in a "
                                             "'good' column, or all): their patches beyond the bank's coverage are "
@@ -275,6 +306,8 @@ class PredictConfig(RunConfig):
     all_maps: bool = _option(False, "with --maps: a picture for every image, not only the anomalous ones")
     threshold: float | None = _option(None, "image-score threshold instead of the stored one (the pixel threshold "
                                             "scales with it)", check=POSITIVE)
+    roi: str | None = _option(None, "a mask of the area to inspect (white: inspect) for this run, in place of the "
+                                    "checkpoint's: the size of the images")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -338,9 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         elif hint is bool:
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(flag, action=action, default=default, help=help_text)
-        elif hint == tuple[str, ...]:
-            shown = f" (default: {' '.join(default)})" if default else ""
-            parser.add_argument(flag, nargs="+", default=list(default), help=help_text + shown)
+        elif hint in (tuple[str, ...], tuple[int, ...]):
+            shown = f" (default: {' '.join(map(str, default))})" if default else ""
+            parser.add_argument(flag, nargs="+", default=list(default), help=help_text + shown,
+                                type=_parser_of(typing.get_args(hint)[0], f.metadata))
         else:
             shown = "" if default in (None, "") else f" (default: {default})"
             parser.add_argument(flag, type=_parser_of(hint, f.metadata), default=default,

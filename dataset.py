@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from config import UserError
-from images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, image_size, prepare, prepared_or_error, read_pixels
+from images import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Geometry, image_size, prepare, prepare_mask,
+                    prepared_or_error, read_pixels)
 
 GOOD = "good"
 LARGE_IMAGE = 4  # images of over 4x the model's input pixels are decoded in worker processes on any CPU
@@ -83,41 +83,32 @@ def find_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
-def image_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
+def image_tensor(pixels: np.ndarray, geometry: Geometry) -> torch.Tensor:
     """An image array (from a camera SDK, say) as the model takes it, like load_image does for files: images.prepare
-    (scaled by bit depth, resized, cropped), as RGB, ImageNet-normalised; (3, image_size, image_size).
+    (scaled by bit depth, resized, cropped), as RGB, ImageNet-normalised; (3, height, width) of ``geometry.size``.
     ``pixels``: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped) of uint8, uint16, bool, or float32 /
     float64 within [0, 1]; anything else is a UserError."""
     try:
-        unit = torch.from_numpy(prepare(pixels, resize, image_size))
+        unit = torch.from_numpy(prepare(pixels, geometry))
     except ValueError as err:
         raise UserError(f"cannot use pixel array: {err}") from None
     return normalized(unit)
 
 
 def normalized(unit: torch.Tensor) -> torch.Tensor:
-    """images.prepare's (C, S, S) in [0, 1] as RGB, ImageNet-normalised: the model's input (3, S, S)."""
+    """images.prepare's (C, H, W) in [0, 1] as RGB, ImageNet-normalised: the model's input (3, H, W)."""
     return (unit.expand(3, -1, -1) - _MEAN) / _STD
 
 
-def load_image(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
-    """One image as the model takes it: RGB, resized to resize x resize (non-square images are squeezed, not
-    cropped to their shorter side, so defects near the long sides stay in view), center-cropped to
-    image_size, ImageNet-normalised; (3, image_size, image_size). Read at any bit depth read_pixels reads."""
-    return image_tensor(read_pixels(path), resize, image_size)
+def load_image(path: str | Path, geometry: Geometry) -> torch.Tensor:
+    """One image file as the model takes it (image_tensor), read at any bit depth read_pixels reads."""
+    return image_tensor(read_pixels(path), geometry)
 
 
-def load_mask(path: str | Path, resize: int, image_size: int) -> torch.Tensor:
-    """A ground-truth mask (defect where any value > 0, at any bit depth) with the same geometry as load_image
-    (nearest neighbour), as bool."""
-    return mask_tensor(read_pixels(path), resize, image_size)
-
-
-def mask_tensor(pixels: np.ndarray, resize: int, image_size: int) -> torch.Tensor:
-    """A mask's pixels (H, W, C) as load_mask gives them."""
-    defect = Image.fromarray((pixels > 0).any(axis=2)).resize((resize, resize), Image.Resampling.NEAREST)
-    offset = (resize - image_size) // 2
-    return torch.from_numpy(np.array(defect)[offset:offset + image_size, offset:offset + image_size])
+def load_mask(path: str | Path, geometry: Geometry) -> torch.Tensor:
+    """A ground-truth mask (defect where any value > 0, at any bit depth) with its image's geometry (nearest
+    neighbour), as bool (height, width)."""
+    return torch.from_numpy(prepare_mask(read_pixels(path), geometry))
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -128,9 +119,9 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 class MVTecDataset(Dataset):
     """One split of one category: images and masks as load_image / load_mask give them, labels, indices."""
 
-    def __init__(self, root: str | Path, category: str, split: str, resize: int, image_size: int):
+    def __init__(self, root: str | Path, category: str, split: str, geometry: Geometry):
         self.samples = find_samples(root, category, split)
-        self.resize, self.image_size = resize, image_size
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,11 +134,11 @@ class MVTecDataset(Dataset):
             if mask_pixels.shape[:2] != pixels.shape[:2]:
                 raise UserError(f"mask '{sample.mask_path}' is {_size(mask_pixels)} pixels, its image '{sample.path}' "
                                 f"{_size(pixels)}: a mask must have its image's size (and orientation)")
-            mask = mask_tensor(mask_pixels, self.resize, self.image_size)
+            mask = torch.from_numpy(prepare_mask(mask_pixels, self.geometry))
         else:
-            mask = torch.zeros(self.image_size, self.image_size, dtype=torch.bool)
+            mask = torch.zeros(self.geometry.size, dtype=torch.bool)
         return {
-            "image": image_tensor(pixels, self.resize, self.image_size),
+            "image": image_tensor(pixels, self.geometry),
             "mask": mask,
             "label": sample.label,
             "has_mask": sample.mask_path is not None or sample.label == 0,
@@ -189,7 +180,8 @@ def _large_images(dataset: Dataset | None) -> bool:
     else:
         return False
     size = image_size(first)  # None when unreadable: the loader names the file when it reads it
-    return size is not None and size[0] * size[1] > LARGE_IMAGE * dataset.image_size**2
+    height, width = dataset.geometry.size
+    return size is not None and size[0] * size[1] > LARGE_IMAGE * height * width
 
 
 class ImageFiles(Dataset):
@@ -197,14 +189,14 @@ class ImageFiles(Dataset):
     whatever reason, yields a zero image and its error message instead of an exception, so that one bad file in
     thousands does not stop the others."""
 
-    def __init__(self, paths: Sequence[Path], resize: int, image_size: int):
-        self.paths, self.resize, self.image_size = list(paths), resize, image_size
+    def __init__(self, paths: Sequence[Path], geometry: Geometry):
+        self.paths, self.geometry = list(paths), geometry
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        prepared, error = prepared_or_error(self.paths[index], self.resize, self.image_size)
+        prepared, error = prepared_or_error(self.paths[index], self.geometry)
         if prepared is None:
-            return {"image": torch.zeros(3, self.image_size, self.image_size), "error": error, "index": index}
+            return {"image": torch.zeros(3, *self.geometry.size), "error": error, "index": index}
         return {"image": normalized(torch.from_numpy(prepared)), "error": "", "index": index}

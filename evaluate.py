@@ -38,9 +38,9 @@ class Predictions:
 
 def predict(model: PatchCore, dataset: MVTecDataset, run: EvalConfig, category: str) -> Predictions:
     """Run the model over the test set (decode, features, k-NN, maps), timing the whole loop."""
-    n, size = len(dataset), model.config.image_size
+    n, size = len(dataset), model.config.geometry.size
     scores, labels = np.empty(n, np.float32), np.empty(n, np.int64)
-    maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
+    maps, masks = np.empty((n, *size), np.float32), np.empty((n, *size), bool)
     has_mask = np.empty(n, bool)
     start = time.perf_counter()
     for batch in tqdm(make_loader(dataset, run.batch_size, run.num_workers, model.device), desc=f"{category} scoring",
@@ -94,8 +94,9 @@ def write_scores_csv(p: Predictions, path: Path) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-def write_maps(p: Predictions, folder: Path, max_maps: int, threshold: float) -> int:
-    """One four-panel picture per selected test image, on a colour scale shared within the category."""
+def write_maps(p: Predictions, folder: Path, max_maps: int, threshold: float, ignored: np.ndarray | None = None) -> int:
+    """One four-panel picture per selected test image, on a colour scale shared within the category (the area
+    outside the region to inspect, ``ignored``, greyed out)."""
     vmin, vmax = float(p.maps.min()), float(p.maps.max())
     chosen = plots.select_map_indices(p.labels, p.scores, max_maps or None)
     for i in tqdm(chosen, desc="maps", unit="map"):
@@ -107,6 +108,7 @@ def write_maps(p: Predictions, folder: Path, max_maps: int, threshold: float) ->
             anomaly_map=p.maps[i], vmin=vmin, vmax=vmax,
             threshold=threshold,
             title=f"{sample.defect_type}/{display_name(sample.path.name)}   score {p.scores[i]:.3f}",
+            ignored=ignored,
         )
     return len(chosen)
 
@@ -134,7 +136,7 @@ def evaluate_category(path: Path, category: str, run: EvalConfig, device: torch.
     its metrics and its curve data for the plots."""
     model, checkpoint = PatchCore.load(path, device, category)
     dataset = MVTecDataset(run.data_path or checkpoint["data_path"], category, "test",
-                           model.config.resize, model.config.image_size)
+                           model.config.geometry)
     p = predict(model, dataset, run, category)
     metric_start = time.perf_counter()
     result = category_metrics(p, category)
@@ -146,7 +148,8 @@ def evaluate_category(path: Path, category: str, run: EvalConfig, device: torch.
     write_scores_csv(p, folder / "scores.csv")
     if not run.no_plots:
         threshold = result["pixel_threshold"] if result["pixel_threshold"] is not None else result["image_threshold"]
-        result["maps_written"] = write_maps(p, folder / "maps", run.max_maps, threshold)
+        ignored = None if model.roi is None else ~model.roi.numpy()
+        result["maps_written"] = write_maps(p, folder / "maps", run.max_maps, threshold, ignored)
     result.update(checkpoint=str(path), config=dataclasses.asdict(model.config),
                   resolved_precision=model.precision, resolved_search=model.search,
                   trained={key: checkpoint.get(key) for key in ("data_path", "num_train_images", "timings",

@@ -25,7 +25,7 @@ import bundle
 from atomic import WriteError, atomic_write_json, check_writable_folder
 from config import ExportConfig, UserError, parse_flags, run_cli
 from images import IMAGENET_MEAN, IMAGENET_STD, file_sha256
-from patchcore import PatchCore, checkpoint_path, map_operator, model_identity, score_patches
+from patchcore import PatchCore, RegionOfInterest, checkpoint_path, map_operator, model_identity, score_patches
 from search import GraphSearch, NearestNeighbours, PrunedFlatIndex
 
 OPSET = 18
@@ -48,9 +48,16 @@ class ExportedModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         if self.config.k > 1:
             self.register_buffer("neighbourhoods", NearestNeighbours(bank, "pruned").search(bank, self.config.k)[1])
+        region = model.region()
+        self.inspects_all = region is None
+        if region is not None:  # the checkpoint's region to inspect, a constant of the graph
+            self.register_buffer("roi_pixels", region.pixels.cpu())
+            self.register_buffer("roi_patches", region.patches.cpu())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.extractor((images - self.pixel_mean) / self.pixel_std)
+        region = None if self.inspects_all else RegionOfInterest(self.roi_pixels, self.roi_patches)
+        normalized = (images - self.pixel_mean) / self.pixel_std
+        maps = self.extractor(normalized if region is None else region.blank(normalized))
         features = self.embedding(maps) - self.search.mean  # centred, as the search's bank: distances unchanged
 
         def nearest(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,15 +65,18 @@ class ExportedModel(nn.Module):
             return squared.clamp_min(0).sqrt(), indices
 
         return score_patches(features, nearest, lambda entries: self.neighbourhoods[entries], self.search.rows,
-                             self.config)
+                             self.config, region)
 
 
 def contract(checkpoint: dict, model: PatchCore, files: dict[str, dict[str, str]], run: ExportConfig,
              chunk: int) -> dict:
     """The bundle's JSON: what the graph takes and gives, the thresholds and everything else a line may change,
     the model's identity, and its files with their SHA-256 by format."""
-    config, calibration = model.config, model.calibration
-    offset = (config.resize - config.image_size) // 2
+    config, calibration, geometry = model.config, model.calibration, model.config.geometry
+    (height, width), (resize_height, resize_width) = geometry.size, geometry.resize
+    resize = (f"scale each channel by one factor, keeping the aspect ratio, to the smallest size covering "
+              f"{resize_height} x {resize_width} (height x width; a side is round(side x factor))"
+              if geometry.keep_aspect else f"resize each channel to {resize_height} x {resize_width} (height x width)")
     return {
         "format": bundle.FORMAT,
         "version": bundle.VERSION,
@@ -74,29 +84,33 @@ def contract(checkpoint: dict, model: PatchCore, files: dict[str, dict[str, str]
         "model_id": model_identity(checkpoint),
         "model": {"files": files, "onnx_opset": OPSET, "precision": "fp32"},
         "input": {
-            "name": INPUT, "shape": ["batch", 3, config.image_size, config.image_size], "layout": "NCHW",
+            "name": INPUT, "shape": ["batch", 3, height, width], "layout": "NCHW",
             "dtype": "float32", "channels": "RGB (a gray image in all three)", "value_range": [0.0, 1.0],
+            "geometry": {"resize": list(geometry.resize), "size": list(geometry.size),
+                         "keep_aspect": geometry.keep_aspect},
             "preprocessing": {
                 "outside_graph": [
                     "decode; apply the EXIF orientation; palette to its colours; drop alpha",
                     "scale by bit depth: 8-bit / 255, 16-bit / 65535, float as it is (within [0, 1])",
-                    f"resize each channel to {config.resize} x {config.resize} (height x width) with Pillow's "
-                    "antialiased bilinear filter in float32 (Image.resize(BILINEAR) on mode 'F' planes)",
-                    f"center crop to {config.image_size} x {config.image_size} (rows and columns {offset} to "
-                    f"{offset + config.image_size - 1})",
+                    f"{resize} with Pillow's antialiased bilinear filter in float32 (Image.resize(BILINEAR) on "
+                    f"mode 'F' planes)",
+                    f"center crop to {height} x {width}: top row (resized height - {height}) // 2, left column "
+                    f"(resized width - {width}) // 2",
                 ],
                 "inside_graph": f"ImageNet normalisation (x - mean) / std, mean {list(IMAGENET_MEAN)}, "
                                 f"std {list(IMAGENET_STD)}",
-                "reference_implementation": "images.py: read_pixels() then prepare() (numpy and Pillow only)",
+                "reference_implementation": "images.py: read_pixels(), then prepare() with images.Geometry.of(resize, "
+                                            "size, keep_aspect) (numpy and Pillow only)",
             },
         },
         "outputs": {
             "scores": {"shape": ["batch"], "meaning": "image score: L2 distance of the image's worst patch to its "
                                                       "nearest memory-bank entry" + (" (Eq. 7 reweighting)"
                                                                                      if config.k > 1 else "")},
-            "maps": {"shape": ["batch", config.image_size, config.image_size],
+            "maps": {"shape": ["batch", height, width],
                      "meaning": "anomaly map: patch distances upsampled bilinearly and smoothed (Gaussian, "
-                                f"sigma {config.blur_sigma} px), on the cropped input's pixels"},
+                                f"sigma {config.blur_sigma} px), on the cropped input's pixels"
+                                + ("" if model.roi is None else "; 0 outside the region to inspect")},
         },
         "thresholds": None if calibration is None else {
             "image": calibration.image_threshold, "pixel": calibration.pixel_threshold,
@@ -106,6 +120,10 @@ def contract(checkpoint: dict, model: PatchCore, files: dict[str, dict[str, str]
         "search": {"kind": "exact nearest neighbour (principal-axis bounds, then exact distances)",
                    "bank_entries": len(model.memory_bank), "bank_entries_at_a_time": chunk,
                    "largest_tensor_bytes_per_query": 4 * chunk},
+        "region_to_inspect": None if model.roi is None else {
+            "inspected_share": float(model.roi.float().mean()),
+            "meaning": "in the graph: the input is set to the mean colour outside it, patches outside it score 0, and "
+                       "the maps are 0 there"},
         "backbone": {"name": config.backbone, "layers": list(config.layers), "weights": config.weights,
                      "weights_sha256": checkpoint["weights_digest"]},
         "training": {"created": checkpoint.get("created"), "data_path": checkpoint.get("data_path"),
@@ -118,8 +136,7 @@ def contract(checkpoint: dict, model: PatchCore, files: dict[str, dict[str, str]
 def write_graph(module: ExportedModel, folder: Path, category: str, kind: str) -> list[Path]:
     """The model files of ``module`` in ``folder``: <category>.onnx, or <category>.xml and .bin (converted from that
     ONNX graph, kept in fp32)."""
-    size = module.config.image_size
-    example = torch.rand(2, 3, size, size)
+    example = torch.rand(2, 3, *module.config.geometry.size)
     onnx_path = folder / f"{category}.onnx"
     quiet = logging.getLogger("onnx_ir")  # its notes on the exporter's own attributes are not the user's business
     level = quiet.level

@@ -11,6 +11,7 @@ import re
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,25 +134,72 @@ def checked_pixels(pixels: np.ndarray) -> np.ndarray:
     return pixels.reshape(*pixels.shape[:2], -1)[:, :, :3]
 
 
-def prepare(pixels: np.ndarray, resize: int, image_size: int) -> np.ndarray:
-    """An image as the model takes it before normalisation: (C, image_size, image_size) float32 in [0, 1], C = 1
-    (gray) or 3 (RGB), from pixels as read_pixels returns them or as a camera SDK gives them ((H, W), (H, W, 1),
-    (H, W, 3) or (H, W, 4) of uint8, uint16, bool, or float in [0, 1]; anything else is a ValueError).
+@dataclass(frozen=True)
+class Geometry:
+    """How an image becomes the model's input of ``size`` (height, width): resized to ``resize`` (height, width),
+    squeezed to it as the reference does, or with ``keep_aspect`` scaled by one factor until it covers it (no
+    distortion, no padding); then center-cropped to ``size``."""
 
-    Each channel is scaled to [0, 1] by its bit depth and resized to resize x resize (non-square images are
-    squeezed, so that defects near the long sides stay in view) by Pillow's antialiased bilinear filter, the one
-    the reference's torchvision Resize applies to 8-bit images, computed here in float32 whatever the bit depth
-    (Pillow's 8-bit resize rounds after each of its two passes, which moved some magnetic-tile scores by 2%); then
-    center-cropped to image_size. The same picture at 8 or 16 bit gives the same array, up to float rounding. This
-    is the one definition of the model's input: the torch path (dataset.py) and the exported model's runner both
-    call it.
+    resize: tuple[int, int]
+    size: tuple[int, int]
+    keep_aspect: bool = False
+
+    @classmethod
+    def of(cls, resize: int | Sequence[int], size: int | Sequence[int], keep_aspect: bool = False) -> Geometry:
+        """From one number (a square) or a height and a width each."""
+        return cls(_pair(resize), _pair(size), keep_aspect)
+
+    def scaled(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``height`` x ``width`` is resized to before the crop."""
+        if not self.keep_aspect:
+            return self.resize
+        factor = max(self.resize[0] / height, self.resize[1] / width)
+        return max(self.resize[0], round(height * factor)), max(self.resize[1], round(width * factor))
+
+    def offsets(self, scaled: tuple[int, int]) -> tuple[int, int]:
+        """The crop's top row and left column in the resized image."""
+        return (scaled[0] - self.size[0]) // 2, (scaled[1] - self.size[1]) // 2
+
+    def describe(self) -> str:
+        how = "scaled keeping its aspect ratio until it covers" if self.keep_aspect else "resized to"
+        return (f"{how} {self.resize[0]} x {self.resize[1]}, then center-cropped to {self.size[0]} x {self.size[1]} "
+                f"(height x width)")
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    values = (value,) if isinstance(value, int) else tuple(value)
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def prepare(pixels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """An image as the model takes it before normalisation: (C, height, width) float32 in [0, 1] at
+    ``geometry.size``, C = 1 (gray) or 3 (RGB), from pixels as read_pixels returns them or as a camera SDK gives
+    them ((H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of uint8, uint16, bool, or float in [0, 1]; anything else is a
+    ValueError).
+
+    Each channel is scaled to [0, 1] by its bit depth and resized as ``geometry`` says by Pillow's antialiased
+    bilinear filter, the one the reference's torchvision Resize applies to 8-bit images, computed here in float32
+    whatever the bit depth (Pillow's 8-bit resize rounds after each of its two passes, which moved some
+    magnetic-tile scores by 2%); only the rows and columns the crop keeps are computed. The same picture at 8 or 16
+    bit gives the same array, up to float rounding. This is the one definition of the model's input: the torch path
+    (dataset.py) and the exported model's runner both call it.
     """
     pixels = checked_pixels(pixels)
-    offset = (resize - image_size) // 2
+    scaled = geometry.scaled(*pixels.shape[:2])
+    (top, left), (height, width) = geometry.offsets(scaled), geometry.size
     full_scale = FULL_SCALE[pixels.dtype.name]
-    rows = _resample(pixels, resize, offset, image_size, full_scale)  # (image_size, W, C), scaled to [0, 1]
-    both = _resample(rows.transpose(1, 0, 2), resize, offset, image_size, 1)  # (image_size, image_size, C), x <-> y
+    rows = _resample(pixels, scaled[0], top, height, full_scale)  # (height, W, C), scaled to [0, 1]
+    both = _resample(rows.transpose(1, 0, 2), scaled[1], left, width, 1)  # (width, height, C): x <-> y
     return np.ascontiguousarray(both.transpose(2, 1, 0))
+
+
+def prepare_mask(pixels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A mask's pixels (H, W, C) (defect, or inspected area, where any value > 0) with ``geometry`` as prepare
+    gives its image: (height, width) bool, resized by nearest neighbour."""
+    scaled = geometry.scaled(*pixels.shape[:2])
+    (top, left), (height, width) = geometry.offsets(scaled), geometry.size
+    marked = Image.fromarray((pixels > 0).any(axis=2)).resize(scaled[::-1], Image.Resampling.NEAREST)
+    return np.array(marked)[top:top + height, left:left + width]
 
 
 def _resample(planes: np.ndarray, size: int, start: int, count: int, full_scale: float) -> np.ndarray:
@@ -185,11 +233,24 @@ def resize_weights(in_length: int, out_length: int) -> tuple[np.ndarray, np.ndar
     return np.minimum(indices, in_length - 1), weights
 
 
-def prepared_or_error(path: str | Path, resize: int, image_size: int) -> tuple[np.ndarray | None, str]:
-    """``prepare(read_pixels(path))``, or None and the reason when anything fails (e.g. MemoryError resizing a huge
-    image): one file's problem stays that file's row."""
+def region_of_interest(path: str | Path, image: str | Path, geometry: Geometry) -> np.ndarray:
+    """A mask of the area to inspect (white, any value > 0: inspect) at the model's input (height, width) bool; it
+    must have the size of ``image``, an image of the category. UserError otherwise."""
+    pixels = read_pixels(path)
+    size = image_size(image)
+    if size is not None and pixels.shape[:2] != size[::-1]:
+        raise UserError(f"region to inspect '{path}' is {pixels.shape[1]} x {pixels.shape[0]} pixels, the image "
+                        f"'{image}' {size[0]} x {size[1]}: draw it on an image of the category")
+    if not (pixels > 0).any():
+        raise UserError(f"region to inspect '{path}' is all black: white marks the area to inspect")
+    return prepare_mask(pixels, geometry)
+
+
+def prepared_or_error(path: str | Path, geometry: Geometry) -> tuple[np.ndarray | None, str]:
+    """``prepare(read_pixels(path), geometry)``, or None and the reason when anything fails (e.g. MemoryError resizing
+    a huge image): one file's problem stays that file's row."""
     try:
-        return prepare(read_pixels(path), resize, image_size), ""
+        return prepare(read_pixels(path), geometry), ""
     except UserError as err:
         return None, str(err)
     except Exception as err:  # noqa: BLE001

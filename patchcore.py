@@ -25,7 +25,7 @@ from tqdm import tqdm
 from atomic import atomic_write
 from backbone import FeatureExtractor
 from calibration import Calibration, chosen_thresholds
-from config import PatchCoreConfig, UserError, cpu_has_native_bf16
+from config import CPU_PIXELS_PER_PASS, PatchCoreConfig, UserError, cpu_has_native_bf16
 from coreset import FeatureStore, Projection, choose_coreset
 from dataset import image_tensor, load_image
 from images import file_sha256
@@ -35,10 +35,11 @@ from verdicts import Inspection
 CHECKPOINT_FORMAT = "patchcore-memory-bank"
 CHECKPOINT_VERSION = 2  # 2: carries the backbone weights and the calibrated thresholds
 # fields added since version 2 came: they take their defaults when absent, or the value they would have had
-FIELDS_ADDED_IN_VERSION_2 = {"coreset", "coreset_shard_size", "search", "ivf_probe", "precision", "fp32_bank"}
+FIELDS_ADDED_IN_VERSION_2 = {"coreset", "coreset_shard_size", "search", "ivf_probe", "precision", "fp32_bank",
+                             "keep_aspect"}
 VALUES_BEFORE_THE_FIELD = {"fp32_bank": False}  # what checkpoints without the field were trained with
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CPU_PIXELS_PER_PASS = 8 * 224 * 224  # images per backbone pass on a CPU: 8 at 224 px
+MAX_PASS_PIXELS = 1 << 21  # larger inputs (over 2.1 megapixels) are embedded in tiles of about this size
 
 
 def _adaptive_bins(in_len: int, out_len: int) -> list[tuple[int, int]]:
@@ -122,6 +123,30 @@ class PatchEmbedding(nn.Module):
         return torch.cat(pieces, 1).permute(0, 2, 3, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class RegionOfInterest:
+    """The part of the model's input to inspect: ``pixels`` (H, W), 1 inside and 0 outside, and ``patches`` (h, w),
+    the same on the feature grid: a patch counts when any of its pixels is inspected (a defect at the region's edge
+    is still seen)."""
+
+    pixels: torch.Tensor
+    patches: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, grid: tuple[int, int]) -> RegionOfInterest:
+        """From a bool (H, W) mask at the model's input and its feature grid (h, w)."""
+        pixels = mask.float()
+        return cls(pixels, F.adaptive_max_pool2d(pixels[None, None], grid)[0, 0])
+
+    def to(self, device: torch.device) -> RegionOfInterest:
+        return RegionOfInterest(self.pixels.to(device), self.patches.to(device))
+
+    def blank(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) with the ignored area set to 0, the mean colour: what lies there reaches
+        no feature of the inspected area through the backbone's receptive field, in training and inspection alike."""
+        return images * self.pixels
+
+
 def _require_finite(features: torch.Tensor, dataset, indices: torch.Tensor) -> None:
     """UserError naming the first image of a batch whose features are NaN or infinite (broken weights): such a
     bank would pass every defect."""
@@ -158,33 +183,36 @@ def map_operator(source: int, size: int, sigma: float, device: torch.device, dty
     return (_gaussian_matrix(size, sigma) @ _upsampling_matrix(source, size)).to(device, dtype)
 
 
-def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Patch scores (B, h, w) -> maps (B, size, size): bilinear upsampling then Gaussian smoothing, as the
+def anomaly_maps(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """Patch scores (B, h, w) -> maps (B, H, W) of ``size``: bilinear upsampling then Gaussian smoothing, as the
     reference does with F.interpolate and scipy.ndimage.gaussian_filter. Both are separable linear maps, so
     they are folded into one small matrix per axis and applied as two batched products on the scores' device."""
     _, height, width = patch_scores.shape
-    rows = map_operator(height, size, sigma, patch_scores.device, patch_scores.dtype)
-    columns = map_operator(width, size, sigma, patch_scores.device, patch_scores.dtype)
+    rows = map_operator(height, size[0], sigma, patch_scores.device, patch_scores.dtype)
+    columns = map_operator(width, size[1], sigma, patch_scores.device, patch_scores.dtype)
     return rows @ patch_scores @ columns.T
 
 
 def score_patches(features: torch.Tensor, nearest: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                   neighbourhood: Callable[[torch.Tensor], torch.Tensor], bank: Callable[[torch.Tensor], torch.Tensor],
-                  config: PatchCoreConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                  config: PatchCoreConfig, roi: RegionOfInterest | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch features (B, h, w, D) -> image scores (B,) and anomaly maps (B, S, S): the scoring of PatchCore.predict
     and of the exported graph alike. ``nearest(queries)`` gives each query's L2 distance to its nearest bank entry
     and that entry's index; ``neighbourhood(entries)`` the indices of each entry's k nearest entries and
     ``bank(entries)`` their rows (both used only for k > 1). A patch's score is its distance, the image's the
-    largest, reweighted for k > 1 by the paper's Eq. 7; the map is the patch scores upsampled and smoothed."""
+    largest, reweighted for k > 1 by the paper's Eq. 7; the map is the patch scores upsampled and smoothed. With an
+    ``roi``, patches outside it score 0 and the maps are 0 outside it."""
     batch, height, width, dim = features.shape
     distances, indices = nearest(features.reshape(-1, dim))
     patch_scores = distances.reshape(batch, height * width)
+    if roi is not None:
+        patch_scores = patch_scores * roi.patches.flatten()  # outside the region: 0, never an image's score
     image_scores = patch_scores.max(1).values
     if config.k > 1:
         image_scores = _reweight(features.reshape(batch, -1, dim), patch_scores, indices.view(batch, -1),
                                  neighbourhood, bank)
-    maps = anomaly_maps(patch_scores.view(batch, height, width), config.image_size, config.blur_sigma)
-    return image_scores, maps
+    maps = anomaly_maps(patch_scores.view(batch, height, width), config.geometry.size, config.blur_sigma)
+    return image_scores, maps if roi is None else maps * roi.pixels
 
 
 def _reweight(features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor,
@@ -231,6 +259,26 @@ class PatchCore:
         self.history: list[dict] = []
         self.coverage_radius: float | None = None
         self.metadata: dict = {}
+        self.roi: torch.Tensor | None = None  # (H, W) bool at the model's input: the area to inspect (None: all)
+        self._regions: dict[tuple[int, int], RegionOfInterest] = {}
+
+    def set_roi(self, mask: torch.Tensor | None) -> None:
+        """Inspect only where ``mask`` (H, W at the model's input, bool) is true; None: everywhere."""
+        if mask is not None and tuple(mask.shape) != self.config.geometry.size:
+            raise UserError(f"the region to inspect is {tuple(mask.shape)} at the model's input, the input is "
+                            f"{self.config.geometry.size}")
+        self.roi, self._regions = (None if mask is None else mask.bool().cpu()), {}
+
+    def region(self, grid: tuple[int, int] | None = None) -> RegionOfInterest | None:
+        """The region to inspect on the model's input, and on the feature grid ``grid`` (default: this geometry's,
+        the input size over the backbone's stride, rounded up); None without one."""
+        if self.roi is None:
+            return None
+        height, width = self.config.geometry.size
+        grid = grid or (-(-height // self.extractor.stride), -(-width // self.extractor.stride))
+        if tuple(grid) not in self._regions:
+            self._regions[tuple(grid)] = RegionOfInterest.of(self.roi, tuple(grid)).to(self.device)
+        return self._regions[tuple(grid)]
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor, reduced_precision: bool = True) -> torch.Tensor:
@@ -238,15 +286,52 @@ class PatchCore:
         in the model's precision, or with ``reduced_precision`` False in fp32.
 
         On a CPU the images go through in groups of about CPU_PIXELS_PER_PASS pixels, whose activations stay in the
-        caches (ResNet-50 on a 2-core EPYC with 32 MiB L3: 17 images/s in groups of 8 at 224 px, 13 in one of 32)."""
+        caches; an image over MAX_PASS_PIXELS goes through in tiles."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        region = self.region()
+        if region is not None:
+            images = region.blank(images)
         dtype = AUTOCAST_DTYPES.get(self.precision) if reduced_precision else None
+        if images[0, 0].numel() > MAX_PASS_PIXELS:
+            return torch.stack([self._embed_tiled(image, dtype) for image in images])
         group = max(1, CPU_PIXELS_PER_PASS // images[0, 0].numel()) if self.device.type == "cpu" else len(images)
         features = []
         for part in images.split(group):
-            maps = self.extractor(part, autocast=dtype)
-            features.append(self.embedding([m.float() for m in maps]))
+            features.append(self._embed_pass(part, dtype))
         return features[0] if len(features) == 1 else torch.cat(features)
+
+    def _embed_pass(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        maps = self.extractor(images, autocast=dtype)
+        return self.embedding([m.float() for m in maps])
+
+    def _embed_tiled(self, image: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """One large image's patch features (h, w, D) from overlapping tiles of about MAX_PASS_PIXELS, each padded
+        by the features' receptive radius, whose inner features are stitched: equal to one pass over the whole image
+        (up to float rounding), in a fraction of its memory. Tiles start on the deepest layer's grid, so every layer's
+        grid lines up with the whole image's; that needs a height and width in multiples of that stride."""
+        height, width = image.shape[-2:]
+        align, stride = self.extractor.deep_stride, self.extractor.stride
+        if height % align or width % align:
+            raise UserError(f"a {height} x {width} input is processed in tiles, which need a height and width in "
+                            f"multiples of {align}: pass --image_size {height // align * align} "
+                            f"{width // align * align} (or --long_side, which rounds so)")
+        reach = self.extractor.receptive_field + (self.config.patch_size + 1) * align  # + aggregation, upsampling
+        margin = -(-reach // 2 // align) * align
+        side = max(4 * margin, int(MAX_PASS_PIXELS ** 0.5) // align * align)
+        core = side - 2 * margin
+        features = None
+        for top in range(0, height, core):
+            for left in range(0, width, core):
+                y0, x0 = max(0, top - margin), max(0, left - margin)
+                tile = self._embed_pass(image[None, :, y0:min(height, top + core + margin),
+                                              x0:min(width, left + core + margin)], dtype)[0]
+                if features is None:
+                    features = tile.new_empty(-(-height // stride), -(-width // stride), tile.shape[-1])
+                rows = slice(top // stride, -(-min(height, top + core) // stride))
+                columns = slice(left // stride, -(-min(width, left + core) // stride))
+                features[rows, columns] = tile[rows.start - y0 // stride:rows.stop - y0 // stride,
+                                               columns.start - x0 // stride:columns.stop - x0 // stride]
+        return features
 
     @torch.inference_mode()
     def fit(self, loader: DataLoader, held_out: Sequence[int] = (), feature_store: str = "memory") -> dict:
@@ -280,8 +365,9 @@ class PatchCore:
             _sync(self.device)
             features_s = time.perf_counter() - start
             start = time.perf_counter()
+            inside = self.inspected_rows(grid, store.filled)
             coreset = choose_coreset(points, config.coreset_ratio, projection, config.coreset,
-                                     config.coreset_shard_size)
+                                     config.coreset_shard_size, rows=inside)
             picks, shards = coreset.picks, coreset.shards
             if shards > 1:
                 print(f"coreset: greedy on {shards} shards of ~{store.num_rows // shards:,} patches, merged "
@@ -325,7 +411,7 @@ class PatchCore:
         (the training images'), their features are computed anew by ``embed``, not taken from ``store``."""
         patches_per_image = grid[0] * grid[1]
         held_out = torch.as_tensor(list(held_out))
-        every = torch.arange(store.filled)
+        every = torch.arange(store.filled) if self.roi is None else self.inspected_rows(grid, store.filled).cpu()
         others = every[~torch.isin(every // patches_per_image, held_out)].to(points.device)
         picks = choose_coreset(points, self.config.coreset_ratio, projection, self.config.coreset,
                                self.config.coreset_shard_size, rows=others).picks
@@ -345,6 +431,17 @@ class PatchCore:
             scores += image_scores.tolist()
             maxima += maps.flatten(1).max(1).values.tolist()
         return {"image_scores": scores, "map_maxima": maxima}
+
+    def inspected_rows(self, grid: tuple[int, int], rows: int) -> torch.Tensor | None:
+        """Indices of the patches inside the region to inspect among ``rows`` patches of images with feature grid
+        ``grid`` (image after image), which alone may enter the bank; None without a region (all of them)."""
+        region = self.region(tuple(grid))
+        if region is None:
+            return None
+        inside = torch.nonzero(region.patches.flatten() > 0).squeeze(1)
+        images = rows // (grid[0] * grid[1])
+        offsets = torch.arange(images, device=inside.device)[:, None] * (grid[0] * grid[1])
+        return (offsets + inside).flatten()
 
     def index_for(self, bank: torch.Tensor) -> NearestNeighbours:
         """The search index of ``bank`` with this model's search and precision settings."""
@@ -369,7 +466,7 @@ class PatchCore:
             return distances[:, 0], indices[:, 0]
 
         return score_patches(features, nearest, lambda entries: neighbours.search(bank[entries], self.config.k)[1],
-                             bank.__getitem__, self.config)
+                             bank.__getitem__, self.config, self.region(tuple(features.shape[1:3])))
 
     def thresholds(self, image_threshold: float | None = None) -> tuple[float, float]:
         """(image, pixel) thresholds: the calibrated ones, or ``image_threshold`` with the pixel threshold scaled
@@ -388,12 +485,11 @@ class PatchCore:
         if isinstance(images, torch.Tensor):
             batches = [images]
         else:
-            geometry = (self.config.resize, self.config.image_size)
-            batches = (torch.stack([load_image(x, *geometry) if isinstance(x, (str, Path))
-                                    else image_tensor(x, *geometry) for x in images[i:i + batch_size]])
+            geometry = self.config.geometry
+            batches = (torch.stack([load_image(x, geometry) if isinstance(x, (str, Path))
+                                    else image_tensor(x, geometry) for x in images[i:i + batch_size]])
                        for i in range(0, len(images), batch_size))
-        size = self.config.image_size
-        scores, maps = [np.empty(0, np.float32)], [np.empty((0, size, size), np.float32)]  # for no images at all
+        scores, maps = [np.empty(0, np.float32)], [np.empty((0, *self.config.geometry.size), np.float32)]  # no images
         for image_scores, image_maps in map(self.predict, batches):
             scores.append(image_scores.cpu().numpy())
             maps.append(image_maps.cpu().numpy())
@@ -442,6 +538,7 @@ class PatchCore:
             "entry_images": self.entry_images,
             "history": self.history,
             "coverage_radius": self.coverage_radius,
+            "roi": self.roi,
         }
         return atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
 
@@ -452,7 +549,8 @@ class PatchCore:
         ``category``, for a checkpoint trained for another category (e.g. copied under another name)."""
         checkpoint = read_checkpoint(path, category)
         stored = checkpoint["config"]
-        config = PatchCoreConfig(**{**VALUES_BEFORE_THE_FIELD, **stored, "layers": tuple(stored["layers"])})
+        config = PatchCoreConfig(**{**VALUES_BEFORE_THE_FIELD, **stored, "layers": tuple(stored["layers"]),
+                                    **{key: _numbers(stored[key]) for key in ("resize", "image_size")}})
         config.validate()  # before building the backbone it names
         extractor = FeatureExtractor(config.backbone, config.weights, config.layers, state=checkpoint["backbone_state"])
         if extractor.weights_digest != checkpoint["weights_digest"]:
@@ -467,9 +565,15 @@ class PatchCore:
         if model.entry_images is None:  # a checkpoint from before provenance: its entries' images are unknown
             model.entry_images = torch.full((len(model.memory_bank),), -1, dtype=torch.int32)
         model.coverage_radius = checkpoint.get("coverage_radius")
+        model.set_roi(checkpoint.get("roi"))
         model.metadata = {key: checkpoint[key] for key in ("category", "data_path", "created", "device",
                                                             "num_train_images", "timings") if key in checkpoint}
         return model, checkpoint
+
+
+def _numbers(value: int | Sequence[int]) -> tuple[int, ...]:
+    """A stored geometry field as a tuple: checkpoints from before non-square inputs hold one int."""
+    return (value,) if isinstance(value, int) else tuple(value)
 
 
 def _torch_save(value: dict, path: Path) -> None:

@@ -22,7 +22,7 @@ from metrics import image_auroc
 
 DPI = 100
 MAP_DPI = 90
-MAP_FIGSIZE = (12.0, 3.4)
+MAP_PANEL_WIDTH = 3.0  # inches per panel of a map figure; its height follows the image's aspect ratio
 MAP_CMAP = "jet"
 METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pro": "PRO (AUC to FPR 0.3)"}
 GRID_COLUMNS = 5
@@ -71,6 +71,13 @@ def _colours(n: int) -> list[tuple[float, float, float, float]]:
     """``n`` distinct qualitative colours (tab10, or tab20 beyond ten)."""
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _map_figsize(panels: int, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Figure size of ``panels`` images of ``shape`` (H, W, ...) side by side, with room for titles and a legend:
+    3 inches a panel for square images (as before), tall ones taller, wide ones lower."""
+    height = MAP_PANEL_WIDTH * min(3.0, max(0.4, shape[0] / shape[1]))
+    return panels * MAP_PANEL_WIDTH, height + 0.4
 
 
 def _bars_figsize(n_groups: int, n_series: int) -> tuple[float, float]:
@@ -206,9 +213,11 @@ def _contour(ax: plt.Axes, region: np.ndarray, **style) -> None:
 
 def _draw_heat_and_overlay(fig: Figure, ax_heat: plt.Axes, ax_overlay: plt.Axes, image: np.ndarray,
                            anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float,
-                           colorbar_label: str | None = None, region_label: str | None = None) -> list[Line2D]:
+                           colorbar_label: str | None = None, region_label: str | None = None,
+                           ignored: np.ndarray | None = None) -> list[Line2D]:
     """The heat map with its colour bar, and the image under a translucent map with the region ``anomaly_map >
-    threshold`` outlined in white; returns the outline's legend entry (``region_label``, or the threshold)."""
+    threshold`` outlined in white; the ``ignored`` area (outside the region to inspect) greyed out in both, and
+    outlined; returns the legend entries (``region_label``, or the threshold; the ignored area's)."""
     heat = ax_heat.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax)
     fig.colorbar(heat, ax=ax_heat, shrink=0.85, label=colorbar_label)
     ax_heat.set_title("anomaly map")
@@ -216,7 +225,14 @@ def _draw_heat_and_overlay(fig: Figure, ax_heat: plt.Axes, ax_overlay: plt.Axes,
     ax_overlay.imshow(anomaly_map, cmap=MAP_CMAP, vmin=vmin, vmax=vmax, alpha=0.45)
     _contour(ax_overlay, anomaly_map > threshold, colors="white", linewidths=1.5)
     ax_overlay.set_title("overlay")
-    return [Line2D([], [], color="white", linewidth=1.5, label=region_label or f"predicted (> {threshold:.3g})")]
+    entries = [Line2D([], [], color="white", linewidth=1.5, label=region_label or f"predicted (> {threshold:.3g})")]
+    if ignored is not None and ignored.any():
+        veil = np.ma.masked_where(~ignored, np.ones(ignored.shape))
+        for ax in (ax_heat, ax_overlay):
+            ax.imshow(veil, cmap="gray", vmin=0, vmax=1.25, alpha=0.75)
+            _contour(ax, ignored, colors="0.85", linewidths=1.0, linestyles=":")
+        entries.append(Line2D([], [], color="0.85", linewidth=1.0, linestyle=":", label="ignored (not inspected)"))
+    return entries
 
 
 def _finish_map_figure(fig: Figure, axes: list[plt.Axes], outlines: list[Line2D], title: str,
@@ -232,7 +248,7 @@ def _finish_map_figure(fig: Figure, axes: list[plt.Axes], outlines: list[Line2D]
 @_styled
 def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray | None,
                             anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float,
-                            title: str) -> Path:
+                            title: str, ignored: np.ndarray | None = None) -> Path:
     """Four panels in a row: input, ground-truth mask, heat map and overlay with region outlines.
 
     ``image`` is (H,W,3) in [0,1]; ``mask`` and ``anomaly_map`` are (H,W) at the same size.
@@ -241,7 +257,7 @@ def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np
     """
     if anomaly_map.shape != image.shape[:2] or (mask is not None and mask.shape != image.shape[:2]):
         raise ValueError(f"image {image.shape}, mask and anomaly map {anomaly_map.shape} differ in size")
-    fig, axes = plt.subplots(1, 4, figsize=MAP_FIGSIZE, layout="constrained")
+    fig, axes = plt.subplots(1, 4, figsize=_map_figsize(4, image.shape), layout="constrained")
     ax_image, ax_mask, ax_heat, ax_overlay = axes
     image = np.clip(image, 0.0, 1.0)
     ax_image.imshow(image)
@@ -252,7 +268,8 @@ def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np
     else:
         ax_mask.imshow(mask != 0, cmap="gray", vmin=0, vmax=1)
     ax_mask.set_title("ground truth")
-    outlines = _draw_heat_and_overlay(fig, ax_heat, ax_overlay, image, anomaly_map, vmin, vmax, threshold)
+    outlines = _draw_heat_and_overlay(fig, ax_heat, ax_overlay, image, anomaly_map, vmin, vmax, threshold,
+                                      ignored=ignored)
     if mask is not None:
         _contour(ax_overlay, mask != 0, colors="magenta", linewidths=1.2, linestyles="--")
         outlines.append(Line2D([], [], color="magenta", linewidth=1.2, linestyle="--", label="ground truth"))
@@ -261,7 +278,7 @@ def save_anomaly_map_figure(path: str | os.PathLike, image: np.ndarray, mask: np
 
 @_styled
 def save_inspection_figure(path: str | os.PathLike, image: np.ndarray, normalized_map: np.ndarray,
-                           title: str) -> Path:
+                           title: str, ignored: np.ndarray | None = None) -> Path:
     """Three panels for predict.py: input, heat map and overlay outlining the defect region.
 
     ``normalized_map`` is the anomaly map divided by the pixel threshold, drawn on a fixed scale from 0 to 2, so
@@ -269,14 +286,14 @@ def save_inspection_figure(path: str | os.PathLike, image: np.ndarray, normalize
     """
     if normalized_map.shape != image.shape[:2]:
         raise ValueError(f"image {image.shape} and anomaly map {normalized_map.shape} differ in size")
-    fig, axes = plt.subplots(1, 3, figsize=(MAP_FIGSIZE[0] * 3 / 4, MAP_FIGSIZE[1]), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=_map_figsize(3, image.shape), layout="constrained")
     ax_image, ax_heat, ax_overlay = axes
     image = np.clip(image, 0.0, 1.0)
     ax_image.imshow(image)
     ax_image.set_title("input")
     outlines = _draw_heat_and_overlay(fig, ax_heat, ax_overlay, image, normalized_map, 0.0, 2.0, 1.0,
                                       colorbar_label="map / pixel threshold",
-                                      region_label="defect region (above the pixel threshold)")
+                                      region_label="defect region (above the pixel threshold)", ignored=ignored)
     return _finish_map_figure(fig, list(axes), outlines, title, path)
 
 

@@ -13,13 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import plots
 from atomic import check_writable_folder
 from config import PredictConfig, UserError, parse_flags, run_cli
 from dataset import ImageFiles, denormalize, make_loader
-from images import display_name, expand_paths
+from images import display_name, expand_paths, region_of_interest
 from patchcore import PatchCore, checkpoint_path, model_identity
 from verdicts import VerdictFile, error_row, report
 
@@ -36,7 +37,7 @@ def inspect_files(model: PatchCore, files: list[Path], run: PredictConfig, write
     """Score ``files`` batch by batch, appending each batch's rows to ``writer`` (after its pictures, so that a
     saved row has its picture); returns the number of pictures written."""
     pictures = 0
-    dataset = ImageFiles(files, model.config.resize, model.config.image_size)
+    dataset = ImageFiles(files, model.config.geometry)
     for batch in tqdm(make_loader(dataset, run.batch_size, run.num_workers, model.device),
                       desc=f"{run.category} inspecting", unit="batch"):
         readable = [i for i, error in enumerate(batch["error"]) if not error]
@@ -55,7 +56,8 @@ def inspect_files(model: PatchCore, files: list[Path], run: PredictConfig, write
                     picture_path(Path(run.maps), root, path), denormalize(batch["image"][position]),
                     inspection.maps[i] / inspection.pixel_threshold,
                     f"{display_name(path.name)}: {verdict}, score {inspection.scores[i]:.3f} = "
-                    f"{inspection.normalized_scores[i]:.2f} x threshold")
+                    f"{inspection.normalized_scores[i]:.2f} x threshold",
+                    None if model.roi is None else ~model.roi.numpy())
                 pictures += 1
         writer.append(rows)
     return pictures
@@ -74,6 +76,8 @@ def predict(run: PredictConfig) -> int:
         check_writable_folder(run.maps, "overlay pictures")
     model, checkpoint = PatchCore.load(checkpoint_path(run.checkpoint_dir, run.category), run.resolved_device(),
                                        run.category)
+    if run.roi:
+        model.set_roi(torch.from_numpy(region_of_interest(run.roi, files[0], model.config.geometry)))
     image_threshold, pixel_threshold = model.thresholds(run.threshold)
     model_id = model_identity(checkpoint)
     source = "--threshold" if run.threshold is not None else "stored"

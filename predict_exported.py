@@ -19,16 +19,28 @@ import numpy as np
 
 from bundle import FORMATS, RUNTIMES, read_bundle
 from calibration import chosen_thresholds
-from config import DeployConfig, UserError, parse_flags, run_cli
-from images import expand_paths, prepared_or_error
+from config import CPU_PIXELS_PER_PASS, DeployConfig, UserError, parse_flags, run_cli
+from images import Geometry, expand_paths, prepared_or_error
 from verdicts import Inspection, VerdictFile, error_row, report
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def open_runtime(model: Path, runtime: str) -> Runner:
-    """A function that runs the model on a batch (N, 3, S, S) float32 and returns its (scores, maps), in fp32 on the
-    CPU; UserError when the runtime is not installed."""
+    """A function that runs the model on a batch (N, 3, H, W) float32 and returns its (scores, maps), in fp32 on the
+    CPU, in groups of about CPU_PIXELS_PER_PASS pixels as the torch path runs them (a group's temporaries stay in
+    the caches, and memory does not grow with the batch); UserError when the runtime is not installed."""
+    run = _open(model, runtime)
+
+    def in_groups(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        group = max(1, CPU_PIXELS_PER_PASS // (images.shape[2] * images.shape[3]))
+        results = [run(np.ascontiguousarray(images[i:i + group])) for i in range(0, len(images), group)]
+        return np.concatenate([scores for scores, _ in results]), np.concatenate([maps for _, maps in results])
+
+    return in_groups
+
+
+def _open(model: Path, runtime: str) -> Runner:
     try:
         if runtime == "onnxruntime":
             import onnxruntime  # noqa: PLC0415  (only the runtime asked for is needed)
@@ -54,12 +66,12 @@ def open_runtime(model: Path, runtime: str) -> Runner:
                         ) from None
 
 
-def batches(files: Sequence[Path], size: int, resize: int, image_size: int
+def batches(files: Sequence[Path], size: int, geometry: Geometry
             ) -> Iterator[tuple[list[Path], list[np.ndarray | None], list[str]]]:
     """The files in batches of ``size``, each image prepared (or its error), read by two threads a batch ahead of
     the model (decoding and resizing release the GIL)."""
     def read(path: Path) -> tuple[np.ndarray | None, str]:
-        return prepared_or_error(path, resize, image_size)
+        return prepared_or_error(path, geometry)
 
     groups = [list(files[i:i + size]) for i in range(0, len(files), size)]
     with ThreadPoolExecutor(2) as pool:
@@ -92,10 +104,10 @@ def predict(run: DeployConfig) -> int:
     source = "--threshold" if run.threshold is not None else "stored"
     print(f"[{category}] {len(files)} images; model {model_id}; {source} image threshold {image_threshold:.4g}, "
           f"pixel threshold {pixel_threshold:.4g}; {model.name} on {runtime}{resumed}")
-    config = bundle["training"]["config"]
+    geometry = Geometry.of(*(bundle["input"]["geometry"][key] for key in ("resize", "size", "keep_aspect")))
     start = time.perf_counter()
     try:
-        for group, arrays, errors in batches(todo, run.batch_size, config["resize"], config["image_size"]):
+        for group, arrays, errors in batches(todo, run.batch_size, geometry):
             readable = [i for i, array in enumerate(arrays) if array is not None]
             if readable:
                 images = np.stack([np.broadcast_to(arrays[i], (3, *arrays[i].shape[1:])) for i in readable])

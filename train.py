@@ -12,27 +12,32 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calibration import calibrate
-from atomic import check_writable_folder
+from atomic import WriteError, check_writable_folder
 from config import PatchCoreConfig, TrainConfig, UserError, parse_flags, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
+from images import image_size, region_of_interest
 from download import ensure_dataset
 from patchcore import PatchCore, checkpoint_path, read_checkpoint
 from update import good_paths, thresholds_of
 
 
-def is_up_to_date(path: Path, config: PatchCoreConfig, weights_digest: str, data_path: str) -> bool:
-    """Whether ``path`` is a valid checkpoint made with these settings, weights and data."""
+def is_up_to_date(path: Path, config: PatchCoreConfig, weights_digest: str, data_path: str,
+                  roi: torch.Tensor | None = None) -> bool:
+    """Whether ``path`` is a valid checkpoint made with these settings, weights, data and region to inspect."""
     if not path.is_file():
         return False
     try:
         checkpoint = read_checkpoint(path)
     except UserError:
         return False
+    stored_roi = checkpoint.get("roi")
+    same_roi = stored_roi is None if roi is None else stored_roi is not None and torch.equal(stored_roi, roi)
     return (checkpoint["config"] == dataclasses.asdict(config) and checkpoint["weights_digest"] == weights_digest
-            and checkpoint.get("data_path") == str(Path(data_path).resolve()))
+            and checkpoint.get("data_path") == str(Path(data_path).resolve()) and same_roi)
 
 
 def held_out_indices(count: int, fraction: float, seed: int, category: str) -> list[int]:
@@ -54,7 +59,7 @@ def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig,
     timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), held_out, run.feature_store)
     if validation:
         start = time.perf_counter()
-        calibration_set = MVTecDataset(data_path, category, "validation", config.resize, config.image_size)
+        calibration_set = MVTecDataset(data_path, category, "validation", config.geometry)
         samples, scores, maxima = calibration_set.samples, [], []
         for batch in make_loader(calibration_set, run.batch_size, run.num_workers, device):
             image_scores, maps = model.predict(batch["image"])
@@ -133,6 +138,60 @@ def _thresholds(entry: dict, when: str) -> str:
     return "none" if thresholds is None else f"image {thresholds['image']:.4g}, pixel {thresholds['pixel']:.4g}"
 
 
+def fitted_geometry(config: PatchCoreConfig, dataset: MVTecDataset, long_side: int) -> PatchCoreConfig:
+    """--long_side: the model's input with the training images' shape (the median height and width), its long side
+    ``long_side`` pixels (0: the images' own size), in multiples of 16 (tiles and feature grids line up), nothing
+    cropped, the aspect ratio kept."""
+    sizes = [image_size(sample.path) for sample in dataset.samples]
+    height, width = (float(np.median([size[axis] for size in sizes if size])) for axis in (1, 0))
+    scale = long_side / max(height, width) if long_side else 1.0
+    size = tuple(max(16, round(side * scale / 16) * 16) for side in (height, width))
+    return dataclasses.replace(config, resize=size, image_size=size, keep_aspect=True)
+
+
+def geometry_note(model: PatchCore, dataset: MVTecDataset) -> str:
+    """What the model sees of a training image: its input size, and how many of the image's pixels one patch of the
+    feature grid covers (defects much smaller than a patch are hard to find)."""
+    geometry, stride = model.config.geometry, model.extractor.stride
+    width, height = image_size(dataset.samples[0].path) or geometry.size[::-1]
+    scaled = geometry.scaled(height, width)
+    return (f"input {geometry.size[0]} x {geometry.size[1]} ({geometry.describe()}); a patch is {stride} x {stride} "
+            f"input pixels, {stride * height / scaled[0]:.1f} x {stride * width / scaled[1]:.1f} pixels of a "
+            f"{height} x {width} training image")
+
+
+def region_to_inspect(roi: str | None, folder: Path, dataset: MVTecDataset) -> torch.Tensor | None:
+    """The mask of the area to inspect at the model's input: ``roi``, else <category>/roi.png when there is one."""
+    path = Path(roi) if roi else folder / "roi.png"
+    if not roi and not path.is_file():
+        return None
+    return torch.from_numpy(region_of_interest(path, dataset.samples[0].path, dataset.geometry))
+
+
+def train_category(backbone: PatchCore, model_config: PatchCoreConfig, run: TrainConfig, dataset: MVTecDataset,
+                   data_path: str, category: str, digest: str) -> str:
+    """Train one category's checkpoint (its geometry and region to inspect worked out first); 'trained', or
+    'skipped' when --skip_existing finds it up to date."""
+    path = checkpoint_path(run.checkpoint_dir, category)
+    config = model_config if run.long_side is None else fitted_geometry(model_config, dataset, run.long_side)
+    dataset.geometry = config.geometry
+    roi = region_to_inspect(run.roi, Path(data_path, category), dataset)
+    if run.skip_existing and is_up_to_date(path, config, digest, data_path, roi):
+        print(f"[{category}] {path} is up to date: skipped")
+        return "skipped"
+    model = backbone if config == model_config else PatchCore(config, backbone.device, backbone.extractor)
+    model.set_roi(roi)
+    region = "" if roi is None else f"; inspecting {roi.float().mean():.0%} of it (region to inspect)"
+    print(f"[{category}] {len(dataset)} training images; {geometry_note(model, dataset)}{region}")
+    timings = fit_and_calibrate(model, dataset, run, data_path, category)
+    model.save(path, category=category, data_path=str(Path(data_path).resolve()), device=str(model.device),
+               num_train_images=len(dataset), timings=timings)
+    print(f"[{category}] memory bank {timings['memory_bank_size']:,} of {timings['num_patches']:,} patches; "
+          f"features {timings['features_s']:.1f} s, coreset {timings['coreset_s']:.1f} s, calibration "
+          f"{timings['calibration_s']:.1f} s -> {path}")
+    return "trained"
+
+
 def train(model_config: PatchCoreConfig, run: TrainConfig) -> list[str]:
     """Train the categories ``run`` names; returns those that failed. With --category all, a category whose data
     fails (an unreadable image, too few images) is reported and the others are trained (exit code 1); a checkpoint
@@ -145,33 +204,21 @@ def train(model_config: PatchCoreConfig, run: TrainConfig) -> list[str]:
     if run.download:
         data_path = str(ensure_dataset(data_path, run.download))
     categories = list_categories(data_path) if run.category == "all" else [run.category]
-    datasets = {c: MVTecDataset(data_path, c, "train", model_config.resize, model_config.image_size) for c in categories}
-    model = PatchCore(model_config, device)
-    digest = model.extractor.weights_digest
-    print(f"{model_config.backbone} ({model_config.weights}) on {device} in {model.precision}, {model.search} search; "
-          f"{len(categories)} categories in {data_path}")
+    datasets = {c: MVTecDataset(data_path, c, "train", model_config.geometry) for c in categories}
+    backbone = PatchCore(model_config, device)
+    digest = backbone.extractor.weights_digest
+    print(f"{model_config.backbone} ({model_config.weights}) on {device} in {backbone.precision}, {backbone.search} "
+          f"search; {len(categories)} categories in {data_path}")
     trained, skipped, failed, start = [], [], [], time.perf_counter()
     for category, dataset in datasets.items():
-        path = checkpoint_path(run.checkpoint_dir, category)
-        if run.skip_existing and is_up_to_date(path, model_config, digest, data_path):
-            print(f"[{category}] {path} is up to date: skipped")
-            skipped.append(category)
-            continue
-        print(f"[{category}] {len(dataset)} training images")
         try:
-            timings = fit_and_calibrate(model, dataset, run, data_path, category)
+            status = train_category(backbone, model_config, run, dataset, data_path, category, digest)
         except UserError as err:
-            if run.category != "all":
+            if run.category != "all" or isinstance(err, WriteError):
                 raise
             print(f"error: [{category}] {err}", file=sys.stderr)
-            failed.append(category)
-            continue
-        model.save(path, category=category, data_path=str(Path(data_path).resolve()), device=str(device),
-                   num_train_images=len(dataset), timings=timings)
-        print(f"[{category}] memory bank {timings['memory_bank_size']:,} of {timings['num_patches']:,} patches; "
-              f"features {timings['features_s']:.1f} s, coreset {timings['coreset_s']:.1f} s, calibration "
-              f"{timings['calibration_s']:.1f} s -> {path}")
-        trained.append(category)
+            status = "failed"
+        {"trained": trained, "skipped": skipped, "failed": failed}[status].append(category)
     print(f"trained {len(trained)}, skipped {len(skipped)}, failed {len(failed)} categories in "
           f"{time.perf_counter() - start:.1f} s")
     return failed

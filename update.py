@@ -168,7 +168,7 @@ def _embed(model: PatchCore, paths: list[Path], batch_size: int, num_workers: in
     """The readable images' patch features for the bank (N, h, w, D; as training computes them: fp32 under
     fp32_bank) and for scoring (as inspection computes them), the readable paths and the errors of the rest."""
     config, device = model.config, model.device
-    dataset = ImageFiles(paths, config.resize, config.image_size)
+    dataset = ImageFiles(paths, config.geometry)
     bank_features, scoring_features, readable, unreadable = [], [], [], []
     again = config.fp32_bank and model.precision in ("bf16", "fp16")
     for batch in tqdm(make_loader(dataset, batch_size, num_workers, device), desc="new images", unit="batch"):
@@ -196,11 +196,12 @@ def _picks_and_scores(model: PatchCore, features: torch.Tensor, scoring: torch.T
     to_bank = distances_to(model.memory_bank @ projection, points)
     radius = model.coverage_radius if model.coverage_radius is not None else _estimated_radius(model, projection)
     images = len(features)
+    inside = model.inspected_rows(tuple(features.shape[1:3]), len(points))  # only patches it inspects enter the bank
+    every = torch.arange(len(points), device=model.device) if inside is None else inside
     folds = [torch.arange(f, images, min(FOLDS, images)) for f in range(min(FOLDS, images))]
-    runs = [continued_run(to_bank, math.ceil(config.coreset_ratio * len(points)), radius)]
+    runs = [continued_run(to_bank, math.ceil(config.coreset_ratio * len(every)), radius, every)]
     for fold in folds:
-        others = torch.tensor([i for i in range(images) if i not in set(fold.tolist())], dtype=torch.int64)
-        rows = (others[:, None] * patches + torch.arange(patches)).flatten().to(model.device)
+        rows = every[~torch.isin(every // patches, fold.to(model.device))]
         runs.append(continued_run(to_bank, math.ceil(config.coreset_ratio * len(rows)), radius, rows))
     run_greedy(points, squared_row_norms(points), runs, progress=False)
     scores, maxima = [0.0] * images, [0.0] * images

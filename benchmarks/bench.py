@@ -82,12 +82,12 @@ def _child(queue: multiprocessing.Queue, job: Callable, args: tuple) -> None:
 def project_job(config: PatchCoreConfig, run: EvalConfig, category: str) -> dict:
     """This project in one process, as train.py then evaluate.py run it: stage seconds, AUROCs, peak RSS."""
     device = run.resolved_device()
-    dataset = MVTecDataset(run.data_path, category, "train", config.resize, config.image_size)
+    dataset = MVTecDataset(run.data_path, category, "train", config.geometry)
     model = PatchCore(config, device)
     train_run = TrainConfig(**{f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)},
                             data_path=run.data_path)
     timings = fit_and_calibrate(model, dataset, train_run, run.data_path, category)
-    test = MVTecDataset(run.data_path, category, "test", config.resize, config.image_size)
+    test = MVTecDataset(run.data_path, category, "test", config.geometry)
     predictions = predict(model, test, run, category)
     metrics = category_metrics(predictions, category)
     return {"features_s": timings["features_s"], "coreset_s": timings["coreset_s"],

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from config import _cpu_flags, cpu_has_native_bf16  # noqa: E402
-from images import expand_paths, prepared_or_error  # noqa: E402
+from images import Geometry, expand_paths, prepared_or_error  # noqa: E402
 
 ANCHOR = ROOT.parent / "shared" / "anchors" / "run_official.py"
 PATHS = {"torch": "checkpoint", "onnxruntime": "onnx", "openvino": "xml"}  # path -> the model file it runs
@@ -96,9 +96,9 @@ def end_to_end(command: list[str]) -> float:
     return float(line.split(" images/s)")[0].rsplit("(", 1)[1])
 
 
-def prepared_test_images(data_path: str, category: str, resize: int, image_size: int, path: Path) -> Path:
-    """The category's test images as the model takes them, (N, C, S, S), saved once for every path to read."""
-    arrays = [prepared_or_error(file, resize, image_size)[0] for file in expand_paths([f"{data_path}/{category}/test"])]
+def prepared_test_images(data_path: str, category: str, geometry: Geometry, path: Path) -> Path:
+    """The category's test images as the model takes them, (N, C, H, W), saved once for every path to read."""
+    arrays = [prepared_or_error(file, geometry)[0] for file in expand_paths([f"{data_path}/{category}/test"])]
     channels = max(len(a) for a in arrays)
     np.save(path, np.stack([np.broadcast_to(a, (channels, *a.shape[1:])) for a in arrays]))
     return path
@@ -115,9 +115,8 @@ def benchmark_ratio(args: argparse.Namespace, ratio: float, work: Path) -> dict:
         subprocess.run([sys.executable, "export.py", *common, "--format", kind, "--output", str(exported)], cwd=ROOT,
                        check=True, capture_output=True)
     contract = json.loads((exported / f"{args.category}.json").read_text())
-    config = contract["training"]["config"]
-    images = prepared_test_images(args.data_path, args.category, config["resize"], config["image_size"],
-                                  work / "test_images.npy")
+    geometry = Geometry.of(*(contract["input"]["geometry"][key] for key in ("resize", "size", "keep_aspect")))
+    images = prepared_test_images(args.data_path, args.category, geometry, work / "test_images.npy")
     models = {"torch": checkpoints / f"{args.category}.pt", "onnxruntime": exported / f"{args.category}.onnx",
               "openvino": exported / f"{args.category}.xml"}
     stream = work / "stream"

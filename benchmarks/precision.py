@@ -54,8 +54,8 @@ def same_picks_job(config: PatchCoreConfig, run: EvalConfig, category: str, vari
     """Each variant's AUROCs on one coreset: fp32's features (the first variant's) choose the picks, each
     variant's own features fill the bank at those picks."""
     device = run.resolved_device()
-    train = MVTecDataset(run.data_path, category, "train", config.resize, config.image_size)
-    test = MVTecDataset(run.data_path, category, "test", config.resize, config.image_size)
+    train = MVTecDataset(run.data_path, category, "train", config.geometry)
+    test = MVTecDataset(run.data_path, category, "test", config.geometry)
     extractor, picks, results = None, None, []
     for variant in variants:
         model = PatchCore(variant_config(config, variant), device, extractor)

@@ -128,10 +128,10 @@ def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_ima
     rounds as bf16 does but multiplies in fp32 (its time is fp32's)."""
     device = run.resolved_device()
     model = PatchCore(config, device)
-    train = sample(MVTecDataset(run.data_path, category, "train", config.resize, config.image_size), bank_images, 1)
+    train = sample(MVTecDataset(run.data_path, category, "train", config.geometry), bank_images, 1)
     bank = torch.cat([model.embed(b["image"]).flatten(0, 2)
                       for b in tqdm(make_loader(train, run.batch_size, run.num_workers, device), desc="bank")])
-    test = sample(MVTecDataset(run.data_path, category, "test", config.resize, config.image_size), test_images, 2,
+    test = sample(MVTecDataset(run.data_path, category, "test", config.geometry), test_images, 2,
                   by_label=True)
     batches = list(make_loader(test, run.batch_size, run.num_workers, device))
     features = torch.cat([model.embed(b["image"]) for b in batches])
@@ -152,7 +152,7 @@ def search_job(config: PatchCoreConfig, run: EvalConfig, category: str, bank_ima
         exact_indices = indices if exact_indices is None else exact_indices
         patch_scores = distances[:, 0].view(features.shape[:3])
         scores = patch_scores.flatten(1).max(1).values
-        maps = anomaly_maps(patch_scores, config.image_size, config.blur_sigma)
+        maps = anomaly_maps(patch_scores, config.geometry.size, config.blur_sigma)
         rows[name] = {
             "build_s": build_s, "search_s": search_s,
             "recall_at_1": float((indices[:, 0] == exact_indices[:, 0]).float().mean()),

@@ -98,8 +98,7 @@ def main() -> None:
         raise UserError("throughput.py needs one --category and --passes of at least 1")
     device = run.resolved_device()
     model, checkpoint = PatchCore.load(Path(run.checkpoint_dir) / f"{run.category}.pt", device)
-    dataset = MVTecDataset(run.data_path or checkpoint["data_path"], run.category, "test", model.config.resize,
-                           model.config.image_size)
+    dataset = MVTecDataset(run.data_path or checkpoint["data_path"], run.category, "test", model.config.geometry)
     if args.passes * len(dataset) <= run.batch_size:
         raise UserError("the timed stream needs more than one batch: raise --passes or lower --batch_size")
     warm_up = predict(model, dataset, run, run.category)

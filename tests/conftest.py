@@ -26,7 +26,7 @@ for folder in (ROOT, ROOT / "benchmarks"):  # the project's modules; benchmarks/
 # The small settings every CLI training in the suite uses (random weights: no download here).
 SMALL = ["--backbone", "resnet18", "--weights", "none", "--resize", "72", "--image_size", "64",
          "--coreset_ratio", "0.1", "--batch_size", "8", "--num_workers", "0"]
-SMALL_CONFIG = dict(backbone="resnet18", weights="none", resize=72, image_size=64, coreset_ratio=0.1)
+SMALL_CONFIG = dict(backbone="resnet18", weights="none", resize=(72,), image_size=(64,), coreset_ratio=0.1)
 
 TILES_COUNTS = {"train": 16, "good": 6, "blob": 6, "scratch": 6}
 NUM_TILES_TEST = TILES_COUNTS["good"] + TILES_COUNTS["blob"] + TILES_COUNTS["scratch"]

@@ -71,7 +71,7 @@ def search_check(checkpoints: Path, category: str, images: int = 60) -> list[str
     flat search's: the pruned search must find the same entry or one at the same float32 distance (a tie); the bf16
     candidates a farther one for at most 0.1% of the patches."""
     model, _ = PatchCore.load(checkpoints / f"{category}.pt")
-    test = MVTecDataset(CATEGORIES[category], category, "test", model.config.resize, model.config.image_size)
+    test = MVTecDataset(CATEGORIES[category], category, "test", model.config.geometry)
     batch = torch.stack([test[i]["image"] for i in range(min(images, len(test)))])
     queries = torch.cat([model.embed(part) for part in batch.split(16)]).flatten(0, 2)
     _, flat_index = NearestNeighbours(model.memory_bank, "flat").search(queries, 1)

@@ -160,7 +160,7 @@ def test_feature_store_auto_mode_goes_to_disk_when_memory_is_short(monkeypatch) 
 def test_low_memory_training_builds_the_same_model(data_root: Path, coreset: str) -> None:
     """Features on disk (only projections in memory): the same memory bank and the same held-out scores."""
     config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset": coreset, "coreset_shard_size": 300})
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     models, reports = [], []
     for store in ("memory", "disk"):
         model = PatchCore(config, CPU, extractor=models[0].extractor if models else None)
@@ -178,8 +178,8 @@ def test_sharded_training_detects_what_exact_training_detects(data_root: Path) -
     """On the synthetic tiles, with 4 shards of 256 patches (25 picks each: far fewer than a real shard gets), the
     sharded bank still separates defective from good images and finds the defect pixels about as well."""
     config = PatchCoreConfig(**SMALL_CONFIG)
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
-    test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
+    test = MVTecDataset(data_root, "tiles", "test", config.geometry)
     batch = next(iter(make_loader(test, len(test), 0, CPU)))
     results = []
     for mode in ("exact", "sharded"):

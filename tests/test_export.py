@@ -244,10 +244,10 @@ def test_exported_k3_model_reweights_as_the_checkpoint(data_root: Path, tmp_path
 
     config = PatchCoreConfig(**SMALL_CONFIG, k=3)
     model = PatchCore(config, torch.device("cpu"))
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     model.fit(make_loader(train, 8, 0, model.device))
     model.save(tmp_path / "checkpoints" / "tiles.pt", category="tiles")
-    test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
+    test = MVTecDataset(data_root, "tiles", "test", config.geometry)
     expected, _ = model.predict(torch.stack([test[i]["image"] for i in range(len(test))]))
     run = run_in_process("export.py", "--category", "tiles", "--checkpoint_dir", tmp_path / "checkpoints",
                          "--output", tmp_path / "exported", cwd=tmp_path)

@@ -54,8 +54,8 @@ def test_feature_store_on_disk_serves_gpu_rows() -> None:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_gpu_model_scores_like_the_cpu_model(data_root: Path, precision: str) -> None:
     config = PatchCoreConfig(**SMALL_CONFIG)
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
-    test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
+    test = MVTecDataset(data_root, "tiles", "test", config.geometry)
     batch = next(iter(make_loader(test, len(test), 0, CPU)))
     cpu = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
     cpu.fit(make_loader(train, 8, 0, CPU))

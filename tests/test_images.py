@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import images
+from images import Geometry
 from config import PatchCoreConfig, UserError
 from conftest import SMALL_CONFIG, _rgb_texture, _texture
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, image_tensor, load_image, load_mask, make_loader,
@@ -18,6 +19,7 @@ from patchcore import PatchCore
 
 CPU = torch.device("cpu")
 RESIZE, SIZE = 72, 64
+GEOMETRY = Geometry.of(RESIZE, SIZE)
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 # Every bit depth is resampled in float, so the same picture at 8 and 16 bit (or float) loads alike up to float32
 # rounding (measured: 0). Pillow's own 8-bit resize, which the loader used before, rounds after each of its two
@@ -67,7 +69,7 @@ def _before(path: Path) -> torch.Tensor:
 
 
 def _load(path: Path) -> torch.Tensor:
-    return load_image(path, RESIZE, SIZE)
+    return load_image(path, GEOMETRY)
 
 
 def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,7 +104,7 @@ def test_big_and_elongated_images_are_resized_as_pillow_does(height: int, width:
     """Downscaled by up to 17x (a camera frame, a long part, to the model's input), where the filter's support
     matters."""
     rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    assert _max_difference(image_tensor(rgb, RESIZE, SIZE), _float_resize(rgb)) <= FILTER_TOLERANCE
+    assert _max_difference(image_tensor(rgb, GEOMETRY), _float_resize(rgb)) <= FILTER_TOLERANCE
 
 
 def test_alpha_is_dropped(rgb: np.ndarray, gray: np.ndarray, tmp_path: Path) -> None:
@@ -174,7 +176,7 @@ def test_16bit_gray_equals_its_8bit_version(gray: np.ndarray, tmp_path: Path) ->
         assert _mode(path) in {"I;16", "I;16B"}
         deep = _load(path)
         assert _max_difference(deep, eight_bit) <= DEPTH_TOLERANCE
-        assert _max_difference(deep, image_tensor(gray / 255, RESIZE, SIZE)) < 1e-6  # its precision kept (1.2e-7)
+        assert _max_difference(deep, image_tensor(gray / 255, GEOMETRY)) < 1e-6  # its precision kept (1.2e-7)
         assert float(_unit(deep).mean()) == pytest.approx(float(_unit(eight_bit).mean()), abs=1e-3)
         assert float(_unit(_before(path)).min()) > 0.99  # what convert("RGB") made of it: all white
 
@@ -222,9 +224,9 @@ def test_16bit_mask_marks_every_nonzero_value(tmp_path: Path) -> None:
     defect[20:40, 30:50] = True
     eight_bit = _saved(Image.fromarray(defect.astype(np.uint8) * 255), tmp_path / "mask.png")
     sixteen_bit = _saved(Image.fromarray(defect.astype(np.uint16)), tmp_path / "mask16.png")  # 1 of 65535
-    expected = load_mask(eight_bit, RESIZE, SIZE)
+    expected = load_mask(eight_bit, GEOMETRY)
     assert expected.any()
-    assert torch.equal(load_mask(sixteen_bit, RESIZE, SIZE), expected)
+    assert torch.equal(load_mask(sixteen_bit, GEOMETRY), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def test_16bit_mask_marks_every_nonzero_value(tmp_path: Path) -> None:
 
 
 def _array(pixels: np.ndarray) -> torch.Tensor:
-    return image_tensor(pixels, RESIZE, SIZE)
+    return image_tensor(pixels, GEOMETRY)
 
 
 def test_arrays_load_as_the_files_of_them(rgb: np.ndarray, gray: np.ndarray, tmp_path: Path) -> None:
@@ -268,15 +270,14 @@ def test_bad_arrays_are_user_errors(pixels: np.ndarray, problem: str) -> None:
 def test_patchcore_scores_the_16bit_image_as_the_8bit_one(data_root: Path, tmp_path: Path) -> None:
     config = PatchCoreConfig(**SMALL_CONFIG)
     model = PatchCore(config, CPU)
-    model.fit(make_loader(MVTecDataset(data_root, "gray", "train", config.resize, config.image_size), batch_size=8,
+    model.fit(make_loader(MVTecDataset(data_root, "gray", "train", config.geometry), batch_size=8,
                           num_workers=0, device=CPU))
-    test = MVTecDataset(data_root, "gray", "test", config.resize, config.image_size)
+    test = MVTecDataset(data_root, "gray", "test", config.geometry)
     eight_bit, sixteen_bit = [], []
     for i, sample in enumerate(test.samples):
         deep = read_pixels(sample.path)[:, :, 0].astype(np.uint16) * 257  # 'gray' is 8-bit L
-        eight_bit.append(load_image(sample.path, config.resize, config.image_size))
-        sixteen_bit.append(load_image(_saved(Image.fromarray(deep), tmp_path / f"{i}.png"), config.resize,
-                                      config.image_size))
+        eight_bit.append(load_image(sample.path, config.geometry))
+        sixteen_bit.append(load_image(_saved(Image.fromarray(deep), tmp_path / f"{i}.png"), config.geometry))
     scores_8, _ = model.predict(torch.stack(eight_bit))
     scores_16, _ = model.predict(torch.stack(sixteen_bit))
     assert torch.allclose(scores_16, scores_8, rtol=1e-5)  # measured: equal

@@ -15,6 +15,7 @@ import torchvision
 from PIL import Image
 
 from calibration import Calibration, calibrate, operating_point, threshold_at
+from images import Geometry
 from conftest import SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process, run_script
 from config import PatchCoreConfig, UserError
 from dataset import MVTecDataset, make_loader
@@ -115,7 +116,7 @@ def test_held_out_images_are_scored_as_by_a_model_trained_without_them(data_root
     """The held-out images score exactly as against the bank of a model trained on the other images alone (same
     ratio and seed); at ratio 1 the full bank holds their own patches, against which they score about 0."""
     config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset_ratio": ratio})
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     held_out = [2, 5, 11]
     images = torch.stack([train[i]["image"] for i in held_out])
     model = PatchCore(config, CPU)
@@ -145,7 +146,7 @@ def test_validation_good_folder_is_used_for_calibration(trained_tiles: Trained, 
     assert c.source == "validation/good" and c.false_alarm_rate == 0.2
     assert list(c.images) == [f"validation/good/{p.name}" for p in sorted(validation.iterdir())]
     assert len(checkpoint["memory_bank"]) == int(TILES_COUNTS["train"] * 64 * 0.1)  # all of train/good
-    scores, maps = model.predict(torch.stack([d["image"] for d in MVTecDataset(data, "tiles", "validation", 72, 64)]))
+    scores, maps = model.predict(torch.stack([d["image"] for d in MVTecDataset(data, "tiles", "validation", Geometry.of(72, 64))]))
     np.testing.assert_allclose(c.image_scores, scores.numpy(), rtol=1e-5)
     np.testing.assert_allclose(c.map_maxima, maps.flatten(1).max(1).values.numpy(), rtol=1e-5)
     assert (c.image_threshold, c.rule) == threshold_at(np.array(c.image_scores), 0.2)  # 6 images reach 20% by rank

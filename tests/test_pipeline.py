@@ -16,6 +16,7 @@ from scipy import ndimage
 from torch.utils.data import ConcatDataset
 
 from baseline import reference_embedding
+from images import Geometry
 from conftest import (GRAY_COUNTS, NUM_TILES_TEST, SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process,
                       run_script)
 from config import PatchCoreConfig
@@ -55,7 +56,8 @@ def test_train_then_evaluate_tiles(trained_tiles: Trained, tmp_path: Path) -> No
     assert tiles["defective_images"] == TILES_COUNTS["blob"] + TILES_COUNTS["scratch"]
     assert tiles["images_per_s"] > 0
     config = tiles["config"]
-    assert config == {**dataclasses.asdict(PatchCoreConfig(**SMALL_CONFIG)), "layers": ["layer2", "layer3"]}
+    assert config == {**dataclasses.asdict(PatchCoreConfig(**SMALL_CONFIG)), "layers": ["layer2", "layer3"],
+                      "resize": [72], "image_size": [64]}  # (JSON: lists)
     assert tiles["trained"]["num_train_images"] == TILES_COUNTS["train"]
     assert summary["mean"]["image_auroc"] == tiles["image_auroc"]
     assert summary["mean"]["test_images"] == NUM_TILES_TEST
@@ -72,7 +74,7 @@ def test_train_then_evaluate_tiles(trained_tiles: Trained, tmp_path: Path) -> No
 
     # Each row's score is the score of that very image (no mix-up of batch order and file order).
     model, _ = PatchCore.load(trained_tiles.checkpoint, CPU)
-    dataset = MVTecDataset(trained_tiles.data_root, "tiles", "test", model.config.resize, model.config.image_size)
+    dataset = MVTecDataset(trained_tiles.data_root, "tiles", "test", model.config.geometry)
     expected = {str(s.path): float(score) for s, score in
                 zip(dataset.samples, model.predict(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))[0])}
     for row in rows:
@@ -110,7 +112,7 @@ def test_evaluate_writes_plots_and_every_map(trained_tiles: Trained, tmp_path: P
 
 
 def test_grayscale_non_square_images_load_as_rgb_squares(data_root: Path) -> None:
-    dataset = MVTecDataset(data_root, "gray", "test", resize=72, image_size=64)
+    dataset = MVTecDataset(data_root, "gray", "test", Geometry.of(72, 64))
     with_mask = next(i for i, s in enumerate(dataset.samples) if s.mask_path is not None)
     item = dataset[with_mask]
     assert item["image"].shape == (3, 64, 64)
@@ -177,28 +179,30 @@ def test_nearest_neighbours_equal_cdist_topk(k: int) -> None:
     assert torch.equal(indices.long(), want.indices)
 
 
-def reference_anomaly_maps(patch_scores: np.ndarray, size: int, sigma: float) -> np.ndarray:
+def reference_anomaly_maps(patch_scores: np.ndarray, size: tuple[int, int], sigma: float) -> np.ndarray:
     """The reference: bilinear upsampling (align_corners=False), then scipy's Gaussian filter on each map."""
-    upsampled = F.interpolate(torch.from_numpy(patch_scores)[:, None], size=(size, size), mode="bilinear",
+    upsampled = F.interpolate(torch.from_numpy(patch_scores)[:, None], size=size, mode="bilinear",
                               align_corners=False)[:, 0].numpy()
     return np.stack([ndimage.gaussian_filter(m, sigma) if sigma > 0 else m for m in upsampled])
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 1.0, 2.5, 4.0, 9.0, 40.0])
-@pytest.mark.parametrize("grid, size", [((16, 16), 16), ((8, 8), 32), ((5, 9), 24), ((7, 3), 11), ((4, 4), 3)])
+@pytest.mark.parametrize("grid, size", [((16, 16), (16, 16)), ((8, 8), (32, 32)), ((5, 9), (24, 24)), ((7, 3), (11, 11)),
+                                        ((4, 4), (3, 3)), ((70, 28), (560, 224)), ((3, 8), (20, 70))])
 def test_anomaly_maps_equal_upsampling_then_scipy_gaussian_filter(sigma: float, grid: tuple[int, int],
-                                                                   size: int) -> None:
-    scores = np.random.default_rng(int(sigma * 10) + size).random((3, *grid))
+                                                                   size: tuple[int, int]) -> None:
+    """Square and non-square inputs (a long part's 560 x 224), upsampled by other factors across and down."""
+    scores = np.random.default_rng(int(sigma * 10) + size[0]).random((3, *grid))
     got = anomaly_maps(torch.from_numpy(scores), size, sigma)
-    assert got.shape == (3, size, size) and got.dtype == torch.float64
+    assert got.shape == (3, *size) and got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), reference_anomaly_maps(scores, size, sigma), atol=1e-12, rtol=0)
 
 
 def test_anomaly_maps_float32() -> None:
     scores = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
-    got = anomaly_maps(scores, 64, 4.0)
+    got = anomaly_maps(scores, (64, 64), 4.0)
     assert got.dtype == torch.float32
-    np.testing.assert_allclose(got.numpy(), reference_anomaly_maps(scores.double().numpy(), 64, 4.0), atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), reference_anomaly_maps(scores.double().numpy(), (64, 64), 4.0), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,9 +213,9 @@ def test_anomaly_maps_float32() -> None:
 def fitted(data_root: Path) -> tuple[PatchCore, MVTecDataset, dict]:
     config = PatchCoreConfig(**SMALL_CONFIG)
     model = PatchCore(config, CPU)
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     timings = model.fit(make_loader(train, batch_size=8, num_workers=0, device=CPU))
-    test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
+    test = MVTecDataset(data_root, "tiles", "test", config.geometry)
     return model, test, timings
 
 
@@ -326,9 +330,9 @@ def test_large_images_are_decoded_in_workers_on_a_small_cpu(monkeypatch, tmp_pat
     folder.mkdir(parents=True)
     Image.new("RGB", (side, side)).save(folder / "000.png")
     cpu = torch.device("cpu")
-    dataset = MVTecDataset(tmp_path, "part", "train", resize=72, image_size=64)
-    files = ImageFiles([folder / "000.png"], resize=72, image_size=64)
+    dataset = MVTecDataset(tmp_path, "part", "train", Geometry.of(72, 64))
+    files = ImageFiles([folder / "000.png"], Geometry.of(72, 64))
     for data in (dataset, files, ConcatDataset([dataset] * 2)):
         assert auto_workers(cpu, data) == workers
     assert make_loader(files, batch_size=2, num_workers=-1, device=cpu).num_workers == workers
-    assert auto_workers(cpu, ImageFiles([tmp_path / "missing.png"], 72, 64)) == 0  # unknown: the default
+    assert auto_workers(cpu, ImageFiles([tmp_path / "missing.png"], Geometry.of(72, 64))) == 0  # unknown: the default

@@ -145,8 +145,8 @@ def test_bf16_model_scores_like_the_float32_model(data_root: Path, search: str) 
     about that. Trained in bf16, the coreset's picks may differ (the greedy order amplifies tiny changes), but the
     ranking of the synthetic test images does not."""
     config = PatchCoreConfig(**SMALL_CONFIG)
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
-    test = MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
+    test = MVTecDataset(data_root, "tiles", "test", config.geometry)
     batch = next(iter(make_loader(test, len(test), 0, CPU)))
     fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
     bf16 = PatchCore(dataclasses.replace(config, precision="bf16", search=search, fp32_bank=False), CPU,
@@ -170,8 +170,8 @@ def test_fp32_bank_trains_the_fp32_models_bank_and_calibrates_and_scores_in_bf16
     other images alone."""
     config = PatchCoreConfig(**SMALL_CONFIG, calibration_fraction=0.25)
     assert config.fp32_bank
-    train = MVTecDataset(data_root, "tiles", "train", config.resize, config.image_size)
-    images = next(iter(make_loader(MVTecDataset(data_root, "tiles", "test", config.resize, config.image_size), 8, 0,
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
+    images = next(iter(make_loader(MVTecDataset(data_root, "tiles", "test", config.geometry), 8, 0,
                                    CPU)))["image"]
     fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
     bf16 = PatchCore(dataclasses.replace(config, precision="bf16"), CPU, extractor=fp32.extractor)

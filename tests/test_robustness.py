@@ -26,6 +26,7 @@ import images
 from atomic import atomic_write_json, atomic_write_text
 from calibration import calibrate
 from config import UserError
+from images import Geometry
 from conftest import SMALL, TILES_COUNTS, Trained, run_in_process
 from dataset import ImageFiles, MVTecDataset, load_image
 from images import expand_paths, read_pixels
@@ -121,7 +122,7 @@ def test_loader_turns_any_exception_into_the_files_row(tmp_path: Path, monkeypat
         raise MemoryError("cannot allocate 12 GiB")
 
     monkeypatch.setattr("images.prepare", out_of_memory)
-    item = ImageFiles([path], 16, 16)[0]
+    item = ImageFiles([path], Geometry.of(16, 16))[0]
     assert "MemoryError" in item["error"] and str(path) in item["error"] and item["image"].shape == (3, 16, 16)
 
 
@@ -445,10 +446,10 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_inspection(tmp_p
     Image.fromarray(np.rot90(mask, 1).copy()).save(root / "ground_truth" / "dent" / "sideways_mask.png", exif=exif)
 
     assert np.array_equal(read_pixels(root / "train" / "good" / "sideways.png"), upright)
-    train = MVTecDataset(tmp_path / "data", "part", "train", 72, 64)
-    test = MVTecDataset(tmp_path / "data", "part", "test", 72, 64)
-    inspect = ImageFiles([root / "train" / "good" / "sideways.png"], 72, 64)
-    reference = load_image(root / "train" / "good" / "upright.png", 72, 64)
+    train = MVTecDataset(tmp_path / "data", "part", "train", Geometry.of(72, 64))
+    test = MVTecDataset(tmp_path / "data", "part", "test", Geometry.of(72, 64))
+    inspect = ImageFiles([root / "train" / "good" / "sideways.png"], Geometry.of(72, 64))
+    reference = load_image(root / "train" / "good" / "upright.png", Geometry.of(72, 64))
     for item in (train[0], train[1], test[0], inspect[0]):
         torch.testing.assert_close(item["image"], reference, rtol=0, atol=0)
     assert test[0]["mask"][10:20, 40:60].any() and not test[0]["mask"][40:, :].any()  # upright, like its image
