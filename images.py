@@ -234,11 +234,12 @@ def resize_weights(in_length: int, out_length: int) -> tuple[np.ndarray, np.ndar
 
 
 def region_of_interest(path: str | Path, image: str | Path, geometry: Geometry) -> np.ndarray:
-    """A mask of the area to inspect (white, any value > 0: inspect) at the model's input (height, width) bool; it
-    must have the size of ``image``, an image of the category. UserError otherwise."""
+    """A mask of the area to inspect (white, any value > 0: inspect) at the model's input (height, width) bool,
+    mapped there as the images are; it must have the shape of ``image``, an image of the category (within 5%, for
+    images whose size varies a little). UserError otherwise."""
     pixels = read_pixels(path)
     size = image_size(image)
-    if size is not None and pixels.shape[:2] != size[::-1]:
+    if size is not None and abs(pixels.shape[0] * size[0] / (pixels.shape[1] * size[1]) - 1) > 0.05:
         raise UserError(f"region to inspect '{path}' is {pixels.shape[1]} x {pixels.shape[0]} pixels, the image "
                         f"'{image}' {size[0]} x {size[1]}: draw it on an image of the category")
     if not (pixels > 0).any():
