@@ -1,7 +1,7 @@
 """Image files: which files a command's PATH arguments name, and their pixels at their real value range.
 
-numpy and Pillow only (no torch): predict.py, train.py and evaluate.py read images through here, and so does the
-exported model's runner (predict_exported.py), so that every path reads a file the same way.
+numpy, Pillow, tifffile and imagecodecs only (no torch): predict.py, train.py and evaluate.py read images through
+here, and so does the exported model's runner (predict_exported.py), so that every path reads a file the same way.
 """
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, TiffImagePlugin
 
 from config import UserError
 
@@ -29,6 +29,17 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own check at 2x this: ours
 # Pillow modes of 8-bit data, read as Pillow's convert("RGB") gives them; and those of deeper data, read as stored.
 _EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _DEEP_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+# EXIF orientation -> an array turned upright as ImageOps.exif_transpose turns an image (the Pillow method named),
+# for the 16-bit colour pixels that Pillow cannot hold.
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda pixels: pixels[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda pixels: pixels[::-1, ::-1],  # ROTATE_180
+    4: lambda pixels: pixels[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda pixels: pixels.swapaxes(0, 1),  # TRANSPOSE
+    6: lambda pixels: pixels.swapaxes(0, 1)[:, ::-1],  # ROTATE_270: a quarter turn clockwise
+    7: lambda pixels: pixels.swapaxes(0, 1)[::-1, ::-1],  # TRANSVERSE
+    8: lambda pixels: pixels.swapaxes(0, 1)[::-1],  # ROTATE_90: a quarter turn anticlockwise
+}
 # The dtypes image arrays may have (besides bool), by the value that stands for full brightness.
 FULL_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1, "float64": 1}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,11 +74,13 @@ def read_pixels(path: str | Path) -> np.ndarray:
       1, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV -> uint8 RGB by Pillow's convert("RGB")
           (palette to its colours, alpha dropped);
       I;16, I;16L, I;16B, I;16N (16-bit gray PNG, TIFF) -> uint16;
+      RGB, RGBA of a 16-bit colour PNG or TIFF -> uint16 RGB (alpha dropped), read by imagecodecs (PNG) or tifffile
+          (TIFF, its first page as Pillow's), as Pillow's RGB modes hold 8 bits only;
       I (32-bit integer: int TIFFs, and 16-bit PNGs in some Pillow versions) -> uint16 if all within 0..65535;
       F (32-bit float TIFF) -> float32 if all finite and within [0, 1].
     Any failure (not a regular file, a damaged or foreign file, over MAX_IMAGE_PIXELS, another mode, values out of
-    range, permissions, memory) is a UserError naming the file and the reason, whatever raised it. Pillow itself
-    decodes 16-bit colour PNG and TIFF to 8-bit RGB.
+    range, permissions, memory) is a UserError naming the file and the reason, whatever raised it. 16-bit gray with
+    alpha (PNG), 16-bit CMYK and premultiplied RGBA (TIFF) are still read at 8 bit, by Pillow.
     """
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -80,12 +93,15 @@ def read_pixels(path: str | Path) -> np.ndarray:
                     raise ValueError(f"{width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
                                      f"megapixels (images.MAX_IMAGE_PIXELS): split or downscale it")
                 mode = image.mode
-                ImageOps.exif_transpose(image, in_place=True)  # no copy of an image without an orientation tag
-                if mode in _EIGHT_BIT_MODES and mode != "L":  # L stays one channel: resized once, not thrice
-                    # La (premultiplied alpha) converts to RGB only by way of LA
-                    pixels = np.asarray((image.convert("LA") if mode == "La" else image).convert("RGB"))
+                if _is_sixteen_bit_colour(image, path):
+                    pixels = _sixteen_bit_colour(image, path)
                 else:
-                    pixels = np.asarray(image)
+                    ImageOps.exif_transpose(image, in_place=True)  # no copy of an image without an orientation tag
+                    if mode in _EIGHT_BIT_MODES and mode != "L":  # L stays one channel: resized once, not thrice
+                        # La (premultiplied alpha) converts to RGB only by way of LA
+                        pixels = np.asarray((image.convert("LA") if mode == "La" else image).convert("RGB"))
+                    else:
+                        pixels = np.asarray(image)
         try:
             return _by_mode(pixels, mode)
         except ValueError as err:
@@ -93,6 +109,35 @@ def read_pixels(path: str | Path) -> np.ndarray:
     except Exception as err:  # noqa: BLE001  (one bad file, whatever broke, is that file's problem alone)
         reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         raise UserError(f"cannot read image '{path}' ({reason}): replace or remove the file") from None
+
+
+def _is_sixteen_bit_colour(image: Image.Image, path: str | Path) -> bool:
+    """Whether ``image``, open in Pillow as RGB or RGBA (8 bits), is a PNG or TIFF of 16-bit RGB or RGBA (not
+    premultiplied by its alpha, which Pillow undoes and the readers of 16 bits do not)."""
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    if image.format == "TIFF":
+        return (set(image.tag_v2.get(TiffImagePlugin.BITSPERSAMPLE, ())) == {16}
+                and image.tag_v2.get(TiffImagePlugin.EXTRASAMPLES) != (1,))
+    if image.format == "PNG":
+        with open(path, "rb") as file:  # IHDR's bit depth and colour type (RGB, RGBA), at fixed places
+            return file.read(26)[24:] in (b"\x10\x02", b"\x10\x06")
+    return False
+
+
+def _sixteen_bit_colour(image: Image.Image, path: str | Path) -> np.ndarray:
+    """The (H, W, 3 or 4) uint16 pixels, upright, of the 16-bit colour PNG or TIFF that ``image`` opened (its header
+    checked): a TIFF's first page, as Pillow's frame 0. Pillow finds the EXIF orientation (for a PNG whose EXIF may
+    follow its pixels, by decoding them at 8 bit, as exif_transpose does)."""
+    import imagecodecs  # here: their import costs every command a fifth of a second, for these files alone
+    import tifffile
+
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if image.format == "TIFF":
+        pixels = tifffile.imread(path, key=0)
+    else:
+        pixels = imagecodecs.png_decode(Path(path).read_bytes())
+    return np.ascontiguousarray(_UPRIGHT[orientation](pixels) if orientation in _UPRIGHT else pixels)
 
 
 def _by_mode(pixels: np.ndarray, mode: str) -> np.ndarray:

@@ -1,11 +1,11 @@
 """Inspect images with an exported model, without torch or faiss:
 python predict_exported.py exported/bottle.onnx PATH [PATH ...] [--runtime onnxruntime|openvino] [--output CSV]
 
-Needs numpy, Pillow and one runtime: pip install -r requirements-deploy.txt. The model's <category>.json (beside it)
-gives the preprocessing and the thresholds; the model files must match its SHA-256. Images are read and prepared
-as predict.py reads them (images.py); the CSV has predict.py's columns, is saved batch by batch and resumed the
-same way, and the exit codes are its: 0 when every image was scored, 1 when some could not be read (their rows say
-why), 2 for a usage error.
+Needs numpy, Pillow, tifffile and imagecodecs (16-bit colour) and one runtime: pip install -r
+requirements-deploy.txt. The model's <category>.json (beside it) gives the preprocessing and the thresholds; the
+model files must match its SHA-256. Images are read and prepared as predict.py reads them (images.py); the CSV has
+predict.py's columns, is saved batch by batch and resumed the same way, and the exit codes are its: 0 when every
+image was scored, 1 when some could not be read (their rows say why), 2 for a usage error.
 """
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_runner_needs_neither_torch_nor_faiss(bundle: Path, trained_tiles: Train
 def test_deploy_requirements_hold_no_torch_or_faiss() -> None:
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements-deploy.txt").read_text().splitlines()]
     packages = {line.split(">")[0].split("=")[0].split("<")[0] for line in lines if line}
-    assert packages == {"numpy", "pillow", "onnxruntime", "openvino"}
+    assert packages == {"numpy", "pillow", "tifffile", "imagecodecs", "onnxruntime", "openvino"}
 
 
 def test_contract_holds_what_the_line_may_change(bundle: Path, trained_tiles: Trained) -> None:

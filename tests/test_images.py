@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
+import tifffile
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 import images
 from images import Geometry
@@ -217,6 +221,95 @@ def test_float_tiff_beyond_unit_range_is_a_user_error(value: float, gray: np.nda
     path = _saved(Image.fromarray(pixels), tmp_path / "float.tif")
     with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(mode F: .*within \[0, 1\].*rescale"):
         _load(path)
+
+
+def _orientation_exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif
+
+
+def _16bit_colour_file(pixels: np.ndarray, path: Path, orientation: int = 1) -> Path:
+    """(H, W, 3 or 4) uint16 ``pixels`` as a PNG (imagecodecs) or TIFF (tifffile) by ``path``'s suffix, as Pillow
+    cannot write them; an ``orientation`` other than 1 as a TIFF tag, or as a PNG's eXIf chunk after its pixels."""
+    if path.suffix == ".tif":
+        alpha = ["unassalpha"] if pixels.shape[2] == 4 else None
+        tags = [(ExifTags.Base.Orientation, "H", 1, orientation, True)] if orientation != 1 else []
+        tifffile.imwrite(path, pixels, photometric="rgb", extrasamples=alpha, extratags=tags)
+        return path
+    png = imagecodecs.png_encode(pixels)
+    if orientation != 1:
+        data = b"eXIf" + _orientation_exif(orientation).tobytes()[6:]  # without its "Exif\0\0" header
+        png = png[:-12] + struct.pack(">I", len(data) - 4) + data + struct.pack(">I", zlib.crc32(data)) + png[-12:]
+    path.write_bytes(png)
+    return path
+
+
+def _16bit_rgb(rgb: np.ndarray, seed: int) -> np.ndarray:
+    """``rgb`` as the high bytes of 16-bit values, with random low bytes."""
+    return rgb.astype(np.uint16) << 8 | np.random.default_rng(seed).integers(0, 256, rgb.shape, dtype=np.uint16)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_equals_its_8bit_version(suffix: str, rgb: np.ndarray, tmp_path: Path) -> None:
+    path = _16bit_colour_file(rgb.astype(np.uint16) * 257, tmp_path / f"deep{suffix}")
+    assert _mode(path) == "RGB"
+    eight_bit = _load(_saved(Image.fromarray(rgb), tmp_path / "rgb.png"))
+    assert _max_difference(_load(path), eight_bit) <= DEPTH_TOLERANCE
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_keeps_its_low_byte(suffix: str, rgb: np.ndarray, tmp_path: Path) -> None:
+    """Two files that differ only in the low byte of each value (Pillow reads both as the same 8-bit RGB)."""
+    one, other = _16bit_rgb(rgb, 0), _16bit_rgb(rgb, 1)
+    pixels = read_pixels(_16bit_colour_file(one, tmp_path / f"one{suffix}"))
+    assert pixels.dtype == np.uint16 and np.array_equal(pixels, one)
+    prepared = images.prepare(pixels, GEOMETRY)
+    # each value v at v / 65535, as an 8-bit image's at v / 255
+    assert np.abs(prepared - images.prepare(one / 65535, GEOMETRY)).max() <= DEPTH_TOLERANCE
+    other_prepared = images.prepare(read_pixels(_16bit_colour_file(other, tmp_path / f"other{suffix}")), GEOMETRY)
+    assert np.abs(prepared - other_prepared).max() > 1e-4
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_alpha_is_dropped(suffix: str, rgb: np.ndarray, tmp_path: Path) -> None:
+    deep = _16bit_rgb(rgb, 0)
+    alpha = np.random.default_rng(2).integers(0, 65536, rgb.shape[:2], dtype=np.uint16)
+    path = _16bit_colour_file(np.dstack([deep, alpha]), tmp_path / f"rgba{suffix}")
+    assert _mode(path) == "RGBA"
+    assert np.array_equal(read_pixels(path), deep)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_is_turned_upright_as_pillow_turns_8bit(suffix: str, orientation: int, rgb: np.ndarray,
+                                                             tmp_path: Path) -> None:
+    eight_bit = _saved(Image.fromarray(rgb), tmp_path / f"rgb{suffix}", exif=_orientation_exif(orientation))
+    deep = _16bit_colour_file(_16bit_rgb(rgb, 0), tmp_path / f"deep{suffix}", orientation)
+    assert np.array_equal(read_pixels(deep) >> 8, read_pixels(eight_bit))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_oversize_16bit_colour_is_refused_before_decoding(suffix: str, rgb: np.ndarray, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _16bit_colour_file(_16bit_rgb(rgb, 0), tmp_path / f"big{suffix}")
+    decoded = []
+    monkeypatch.setattr(tifffile, "imread", lambda *args, **kwargs: decoded.append(args))
+    monkeypatch.setattr(imagecodecs, "png_decode", lambda *args, **kwargs: decoded.append(args))
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 90 * 60 - 1)
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(90 x 60 pixels, over the limit"):
+        read_pixels(path)
+    assert decoded == []
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_damaged_16bit_colour_file_is_a_user_error(suffix: str, rgb: np.ndarray, tmp_path: Path) -> None:
+    """Its header whole (Pillow opens it), half its pixels gone: the decoder's error becomes the file's."""
+    path = _16bit_colour_file(_16bit_rgb(rgb, 0), tmp_path / f"damaged{suffix}")
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    assert _mode(path) == "RGB"
+    with pytest.raises(UserError, match=rf"^cannot read image '{path}' \(.+\): replace or remove the file$"):
+        read_pixels(path)
 
 
 def test_16bit_mask_marks_every_nonzero_value(tmp_path: Path) -> None:
