@@ -1,10 +1,10 @@
 """Thresholds from good images only: the operating point a line can run at before it has seen a single defect.
 
-train.py scores nominal images the memory bank has not seen (the category's validation/good folder, else a seeded
-held-out part of train/good) and sets the image-score threshold so that about ``false_alarm_rate`` of good images
-score above it: an image is anomalous when its score is above the threshold. The pixel threshold, which draws the
-defect regions, follows the same rule on each image's map maximum, so a region appears on a good image about as
-rarely as a false alarm does.
+train.py scores nominal images the memory bank has not seen (the category's validation/good folder, else every
+train/good image out of fold: each of k folds against the coreset of the others) and sets the image-score threshold
+so that about ``false_alarm_rate`` of good images score above it: an image is anomalous when its score is above the
+threshold. The pixel threshold, which draws the defect regions, follows the same rule on each image's map maximum,
+so a region appears on a good image about as rarely as a false alarm does.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from config import UserError
 
 EULER_GAMMA = 0.5772156649015329
+OUT_OF_FOLD = "train/good (out of fold)"  # the source of thresholds set from the training images themselves
 
 
 def threshold_at(scores: np.ndarray, false_alarm_rate: float) -> tuple[float, str]:
@@ -47,7 +48,7 @@ def threshold_at(scores: np.ndarray, false_alarm_rate: float) -> tuple[float, st
 class Calibration:
     """The stored operating point of one category, and the evidence it was set from."""
 
-    source: str  # 'validation/good' or 'held-out train/good'
+    source: str  # 'validation/good' or OUT_OF_FOLD (older checkpoints: 'held-out train/good')
     images: tuple[str, ...]  # the calibration images (paths relative to the category folder)
     false_alarm_rate: float  # the target
     image_threshold: float

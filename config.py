@@ -124,12 +124,12 @@ class PatchCoreConfig:
     k: int = _option(1, "nearest neighbours for scoring; k > 1 adds the paper's image-score reweighting (Eq. 7)",
                      check=at_least(1))
     blur_sigma: float = _option(4.0, "Gaussian smoothing of the anomaly maps, in pixels", check=at_least(0))
-    seed: int = _option(0, "seed of the random projection, coreset start points, random weights and calibration split")
+    seed: int = _option(0, "seed of the random projection, coreset start points and random weights")
     false_alarm_rate: float = _option(0.01, "target share of good images flagged: sets the stored image and pixel "
                                             "thresholds from good images only", check=within(0, 1))
-    calibration_fraction: float = _option(0.2, "share of train/good held out to set the thresholds when the category "
-                                               "has no validation/good folder; the memory bank still uses every image",
-                                  check=within(0, 1))
+    calibration_folds: int = _option(5, "without a validation/good folder, the thresholds come from every "
+                                        "train/good image, scored out of fold: the images are split in this many "
+                                        "folds, each scored against the coreset of the others", check=at_least(2))
     coreset: str = _option("auto", "'exact' greedy coreset, 'sharded' (greedy on random shards of at most "
                                    "--coreset_shard_size patches, merged: far faster on big sets), or 'auto' "
                                    "(sharded above that size)", choices=CORESET_MODES)

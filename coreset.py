@@ -59,21 +59,30 @@ def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generato
     and the distance to the pick. The picks are the same as that one-at-a-time greedy's (up to float rounding of
     near-ties), made in passes (see run_greedy).
     """
+    run = started_run(points, ratio, generator, rows, num_starts)
+    if run is None:
+        return (torch.arange(len(points), device=points.device) if rows is None else rows), 0.0
+    run_greedy(points, squared_row_norms(points), [run], candidates, progress)
+    return torch.tensor(run.picks, device=points.device), run.radius
+
+
+def started_run(points: torch.Tensor, ratio: float, generator: torch.Generator, rows: torch.Tensor | None = None,
+                num_starts: int = 10) -> GreedyRun | None:
+    """The reference's greedy over the points (or their ``rows``) before its first pick: each point's distance its
+    mean distance to ``num_starts`` random points of the run, squared; points outside the run at -inf. None when
+    the ratio keeps every point (no greedy to run)."""
     num_points = len(points) if rows is None else len(rows)
     count = max(1, int(num_points * ratio))
     if count >= num_points:
-        return (torch.arange(num_points, device=points.device) if rows is None else rows), 0.0
+        return None
     starts = torch.randint(num_points, (num_starts,), generator=generator).to(points.device)
     starts = starts if rows is None else rows[starts]
-    squared_norms = squared_row_norms(points)
     nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in points.split(1 << 16)])
     if rows is not None:
         outside = torch.ones_like(nearest, dtype=torch.bool)
         outside[rows] = False
         nearest[outside] = -math.inf
-    run = GreedyRun(nearest, count)
-    run_greedy(points, squared_norms, [run], candidates, progress)
-    return torch.tensor(run.picks, device=points.device), run.radius
+    return GreedyRun(nearest, count)
 
 
 def squared_row_norms(points: torch.Tensor) -> torch.Tensor:
@@ -136,11 +145,13 @@ def _update_nearest(points: torch.Tensor, squared_norms: torch.Tensor, nearest: 
     block = max(1024, block_elements // len(columns))
     for start in range(0, len(points), block):
         end = start + block
+        # ||c||² - 2 p·c per pick c; a point's own ||p||² is added after the minimum (the same float result: adding
+        # one number to each is monotone), one pass over the block fewer
         distances = torch.addmm(chosen_norms, points[start:end], chosen.T, alpha=-2)
-        distances.add_(squared_norms[start:end, None])
         for run_nearest, first, last in zip(nearest, [0, *ends[:-1]], ends):
             if last > first:
-                torch.minimum(run_nearest[start:end], distances[:, first:last].amin(1), out=run_nearest[start:end])
+                closest = distances[:, first:last].amin(1).add_(squared_norms[start:end])
+                torch.minimum(run_nearest[start:end], closest, out=run_nearest[start:end])
 
 
 def sharded_coreset(points: torch.Tensor, ratio: float, generator: torch.Generator, num_shards: int,
@@ -176,14 +187,41 @@ def choose_coreset(points: torch.Tensor, ratio: float, projection: Projection, m
                    rows: torch.Tensor | None = None, progress: bool = True) -> Coreset:
     """The coreset of the projected points (N, P), or of its ``rows`` only (sorted indices into all N); mode 'auto'
     shards sets of more than ``shard_size`` points."""
-    num_points = len(points) if rows is None else len(rows)
-    num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
-    generator = projection.generator()
-    if num_shards == 1:
-        picks, radius = greedy_coreset(points, ratio, generator, rows, progress=progress)
-    else:
-        picks, radius = sharded_coreset(points, ratio, generator, num_shards, rows, progress)
-    return Coreset(picks, num_shards, radius)
+    return choose_coresets(points, ratio, projection, mode, shard_size, [rows], progress)[0]
+
+
+def choose_coresets(points: torch.Tensor, ratio: float, projection: Projection, mode: str, shard_size: int,
+                    row_sets: list[torch.Tensor | None], progress: bool = True) -> list[Coreset]:
+    """The coreset of each set of rows (None: all points), each exactly as choose_coreset chooses it alone; those
+    of the exact greedy in one pass (run_greedy: one product per step brings every run's distances up to date), as
+    the memory bank and the calibration folds' banks of one training are chosen."""
+    coresets: dict[int, Coreset] = {}
+    runs: dict[int, GreedyRun] = {}
+    for position, rows in enumerate(row_sets):
+        num_points = len(points) if rows is None else len(rows)
+        num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
+        if num_shards > 1:
+            picks, radius = sharded_coreset(points, ratio, projection.generator(), num_shards, rows, progress)
+            coresets[position] = Coreset(picks, num_shards, radius)
+            continue
+        run = started_run(points, ratio, projection.generator(), rows)
+        if run is None:
+            everything = torch.arange(len(points), device=points.device) if rows is None else rows
+            coresets[position] = Coreset(everything, 1, 0.0)
+        else:
+            runs[position] = run
+    if runs:
+        run_greedy(points, squared_row_norms(points), list(runs.values()), progress=progress)
+    for position, run in runs.items():
+        coresets[position] = Coreset(torch.tensor(run.picks, device=points.device), 1, run.radius)
+    return [coresets[position] for position in range(len(row_sets))]
+
+
+def image_folds(count: int, folds: int) -> list[torch.Tensor]:
+    """``count`` images in ``folds`` interleaved folds (image i in fold i mod folds; at most one fold per image):
+    for out-of-fold scores, each fold scored against the coreset of the others."""
+    folds = min(folds, count)
+    return [torch.arange(fold, count, folds) for fold in range(folds)]
 
 
 def distances_to(bank_points: torch.Tensor, points: torch.Tensor, block: int = 4096) -> torch.Tensor:

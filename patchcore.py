@@ -26,7 +26,7 @@ from atomic import atomic_write
 from backbone import FeatureExtractor
 from calibration import Calibration, chosen_thresholds
 from config import CPU_PIXELS_PER_PASS, PatchCoreConfig, UserError, cpu_has_native_bf16
-from coreset import FeatureStore, Projection, choose_coreset
+from coreset import Coreset, FeatureStore, Projection, choose_coresets, image_folds
 from dataset import image_tensor, load_image
 from images import file_sha256
 from search import NearestNeighbours
@@ -36,8 +36,9 @@ CHECKPOINT_FORMAT = "patchcore-memory-bank"
 CHECKPOINT_VERSION = 2  # 2: carries the backbone weights and the calibrated thresholds
 # fields added since version 2 came: they take their defaults when absent, or the value they would have had
 FIELDS_ADDED_IN_VERSION_2 = {"coreset", "coreset_shard_size", "search", "ivf_probe", "precision", "fp32_bank",
-                             "keep_aspect"}
+                             "keep_aspect", "calibration_folds"}
 VALUES_BEFORE_THE_FIELD = {"fp32_bank": False}  # what checkpoints without the field were trained with
+FIELDS_REMOVED = {"calibration_fraction"}  # settings older checkpoints hold that no longer exist: dropped at load
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_PASS_PIXELS = 1 << 21  # larger inputs (over 2.1 megapixels) are embedded in tiles of about this size
 
@@ -250,6 +251,7 @@ class PatchCore:
         self.embedding = PatchEmbedding(extractor.channels, config.patch_size, config.embedding_dim).to(device)
         self.memory_bank: torch.Tensor | None = None
         self.neighbours: NearestNeighbours | None = None
+        self.ivf_centroids: torch.Tensor | None = None  # with search 'ivf': the index's lists (k-means at training)
         self.calibration: Calibration | None = None
         # Provenance: the images that built the bank ({"path", "sha256"}, and "removed" once taken out), the image of
         # each bank entry (index into images, -1 unknown), the versions (history: one entry per training or update,
@@ -334,17 +336,18 @@ class PatchCore:
         return features
 
     @torch.inference_mode()
-    def fit(self, loader: DataLoader, held_out: Sequence[int] = (), feature_store: str = "memory") -> dict:
+    def fit(self, loader: DataLoader, calibration_folds: int = 0, feature_store: str = "memory") -> dict:
         """Build the memory bank from nominal training images; returns seconds per stage and sizes.
 
         ``feature_store`` 'disk' keeps the full patch features in a temporary file while the coreset is chosen on
         their projections (which alone stay in memory), 'auto' does so when they would crowd the free memory; the
-        memory bank is the same. With ``held_out`` (indices into the loader's data set), those images are also
-        scored, for calibration, as unseen good images: against the coreset (same settings) of the other images'
-        patches, which is the bank that training on the other images alone would build. Their scores and map
-        maxima are returned under 'held_out', computed in the precision that inspection will use: under
-        ``fp32_bank`` with reduced precision, the held-out images are embedded once more in that precision. The
-        memory bank itself keeps every image's patches.
+        memory bank is the same. With ``calibration_folds`` (k), every training image is also scored out of fold,
+        for calibration, as an unseen good image: the images are split in k folds (coreset.image_folds) and each
+        fold is scored against the coreset (same settings) of the other folds' patches, which is the bank that
+        training without that fold would build. The folds' coresets and the bank's are chosen in one greedy pass
+        (choose_coresets). The scores and map maxima, in the data set's order, are returned under 'out_of_fold',
+        computed in the precision that inspection will use: under ``fp32_bank`` with reduced precision, the images
+        are embedded once more in that precision. The memory bank itself keeps every image's patches.
         """
         start = time.perf_counter()
         config = self.config
@@ -366,8 +369,12 @@ class PatchCore:
             features_s = time.perf_counter() - start
             start = time.perf_counter()
             inside = self.inspected_rows(grid, store.filled)
-            coreset = choose_coreset(points, config.coreset_ratio, projection, config.coreset,
-                                     config.coreset_shard_size, rows=inside)
+            folds = image_folds(len(loader.dataset), calibration_folds) if calibration_folds else []
+            every = torch.arange(store.filled, device=self.device) if inside is None else inside
+            patches_per_image = grid[0] * grid[1]
+            others = [every[~torch.isin(every // patches_per_image, fold.to(self.device))] for fold in folds]
+            coreset, *fold_coresets = choose_coresets(points, config.coreset_ratio, projection, config.coreset,
+                                                      config.coreset_shard_size, [inside, *others])
             picks, shards = coreset.picks, coreset.shards
             if shards > 1:
                 print(f"coreset: greedy on {shards} shards of ~{store.num_rows // shards:,} patches, merged "
@@ -375,17 +382,17 @@ class PatchCore:
             self.set_memory_bank(store.rows(picks))
             self.coverage_radius = coreset.radius
             self.images = image_records(loader.dataset)
-            self.entry_images = (picks.cpu() // (grid[0] * grid[1])).to(torch.int32)
+            self.entry_images = (picks.cpu() // patches_per_image).to(torch.int32)
             self.history = []
             _sync(self.device)
             report = {"features_s": features_s, "coreset_s": time.perf_counter() - start,
                       "num_patches": store.filled, "memory_bank_size": len(picks), "feature_grid": grid,
                       "coreset_shards": shards, "feature_store": "disk" if store.on_disk else "memory"}
-            if held_out:
+            if folds:
                 start = time.perf_counter()
                 embed_again = config.fp32_bank and self.precision in AUTOCAST_DTYPES
-                report["held_out"] = self._score_held_out(store, points, projection, grid, held_out,
-                                                          loader if embed_again else None)
+                report["out_of_fold"] = self._score_out_of_fold(store, grid, folds, fold_coresets,
+                                                                loader if embed_again else None)
                 report["calibration_s"] = time.perf_counter() - start
             return report
         finally:
@@ -402,34 +409,31 @@ class PatchCore:
                   f"forces memory)")
         return FeatureStore(num_rows, dim, self.device, on_disk)
 
-    def _score_held_out(self, store: FeatureStore, points: torch.Tensor, projection: Projection, grid: list[int],
-                        held_out: Sequence[int], loader: DataLoader | None = None,
-                        batch_size: int = 8) -> dict[str, list[float]]:
-        """Scores and map maxima of the ``held_out`` images (rows of ``store``, grid[0] * grid[1] per image)
-        against the coreset of the other images' patches, ``batch_size`` images at a time: few, because the
-        training features are still in memory and the search's temporaries grow with the batch. With ``loader``
-        (the training images'), their features are computed anew by ``embed``, not taken from ``store``."""
-        patches_per_image = grid[0] * grid[1]
-        held_out = torch.as_tensor(list(held_out))
-        every = torch.arange(store.filled) if self.roi is None else self.inspected_rows(grid, store.filled).cpu()
-        others = every[~torch.isin(every // patches_per_image, held_out)].to(points.device)
-        picks = choose_coreset(points, self.config.coreset_ratio, projection, self.config.coreset,
-                               self.config.coreset_shard_size, rows=others).picks
-        bank = store.rows(picks)
-        neighbours = self.index_for(bank)
-        if loader is None:
-            offsets = torch.arange(patches_per_image)
-            batches = (store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
-                       for part in held_out.split(batch_size))
-        else:
-            images = DataLoader(Subset(loader.dataset, held_out.tolist()), batch_size=batch_size,
-                                num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-            batches = (self.embed(batch["image"]) for batch in images)
-        scores, maxima = [], []
-        for features in batches:
-            image_scores, maps = self.score(features, neighbours, bank)
-            scores += image_scores.tolist()
-            maxima += maps.flatten(1).max(1).values.tolist()
+    def _score_out_of_fold(self, store: FeatureStore, grid: list[int], folds: list[torch.Tensor],
+                           coresets: list[Coreset], loader: DataLoader | None = None,
+                           batch_size: int = 8) -> dict[str, list[float]]:
+        """Scores and map maxima of every image of ``folds`` (rows of ``store``, grid[0] * grid[1] per image), each
+        fold against the bank of its coreset, ``batch_size`` images at a time: few, because the training features
+        are still in memory and the search's temporaries grow with the batch. With ``loader`` (the training
+        images'), their features are computed anew by ``embed``, not taken from ``store``."""
+        patches_per_image, offsets = grid[0] * grid[1], torch.arange(grid[0] * grid[1])
+        count = sum(len(fold) for fold in folds)
+        scores, maxima = [0.0] * count, [0.0] * count
+        for fold, coreset in zip(folds, coresets):
+            bank = store.rows(coreset.picks)
+            neighbours = self.index_for(bank)
+            if loader is None:
+                batches = (store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
+                           for part in fold.split(batch_size))
+            else:
+                images = DataLoader(Subset(loader.dataset, fold.tolist()), batch_size=batch_size,
+                                    num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                batches = (self.embed(batch["image"]) for batch in images)
+            for part, features in zip(fold.split(batch_size), batches):
+                image_scores, maps = self.score(features, neighbours, bank)
+                for image, score, map_maximum in zip(part.tolist(), image_scores.tolist(),
+                                                     maps.flatten(1).max(1).values.tolist()):
+                    scores[image], maxima[image] = score, map_maximum
         return {"image_scores": scores, "map_maxima": maxima}
 
     def inspected_rows(self, grid: tuple[int, int], rows: int) -> torch.Tensor | None:
@@ -444,12 +448,20 @@ class PatchCore:
         return (offsets + inside).flatten()
 
     def index_for(self, bank: torch.Tensor) -> NearestNeighbours:
-        """The search index of ``bank`` with this model's search and precision settings."""
-        return NearestNeighbours(bank, self.search, self.config.ivf_probe, bf16=self.precision == "bf16")
+        """The search index of ``bank`` with this model's search and precision settings (with search 'ivf', its
+        lists around the model's centroids)."""
+        return NearestNeighbours(bank, self.search, self.config.ivf_probe, bf16=self.precision == "bf16",
+                                 ivf_centroids=self.ivf_centroids)
 
-    def set_memory_bank(self, bank: torch.Tensor) -> None:
+    def set_memory_bank(self, bank: torch.Tensor, ivf_centroids: torch.Tensor | None = None) -> None:
+        """Set the bank and build its index. With search 'ivf', the index's lists lie around ``ivf_centroids``: the
+        model's own, which an update passes on and a checkpoint stores (they still partition the space after the
+        bank changes; the lists are refilled with its entries, so rollback restores the index exactly); None, at
+        training, runs the k-means on this bank, whose centroids the model then keeps."""
         self.memory_bank = bank.to(self.device).float()
+        self.ivf_centroids = ivf_centroids
         self.neighbours = self.index_for(self.memory_bank)
+        self.ivf_centroids = self.neighbours.ivf_centroids
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -516,9 +528,10 @@ class PatchCore:
         return rollback(self)
 
     def save(self, path: str | Path, **metadata) -> Path:
-        """Write the memory bank, the calibration, the backbone weights, the complete config, the provenance and
-        history, the checkpoint's earlier fields (``self.metadata``, e.g. category) and ``metadata`` atomically: the
-        file alone is enough to inspect images (no weights file or download needed) and to update the model."""
+        """Write the memory bank (with search 'ivf', its index's centroids too: no k-means at load), the calibration,
+        the backbone weights, the complete config, the provenance and history, the checkpoint's earlier fields
+        (``self.metadata``, e.g. category) and ``metadata`` atomically: the file alone is enough to inspect images (no
+        weights file or download needed) and to update the model."""
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -539,6 +552,7 @@ class PatchCore:
             "history": self.history,
             "coverage_radius": self.coverage_radius,
             "roi": self.roi,
+            "ivf_centroids": self.ivf_centroids,
         }
         return atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
 
@@ -557,7 +571,11 @@ class PatchCore:
             raise UserError(f"checkpoint '{path}' is damaged (its backbone weights do not match their digest): "
                             f"retrain with train.py")
         model = cls(config, torch.device(device), extractor)
-        model.set_memory_bank(checkpoint["memory_bank"])
+        ivf_centroids = checkpoint.get("ivf_centroids")
+        if model.search == "ivf" and ivf_centroids is None:
+            print(f"note: checkpoint '{path}' has no stored IVF centroids: the index is trained (k-means) at each "
+                  f"load; retraining with train.py stores them", file=sys.stderr)
+        model.set_memory_bank(checkpoint["memory_bank"], ivf_centroids)
         if checkpoint["calibration"] is not None:
             model.calibration = Calibration.from_dict(checkpoint["calibration"])
         model.images, model.history = checkpoint.get("images", []), checkpoint.get("history", [])
@@ -622,6 +640,8 @@ def read_checkpoint(path: str | Path, category: str | None = None) -> dict:
     field_names = {f.name for f in dataclasses.fields(PatchCoreConfig)}
     bank, backbone_state = checkpoint.get("memory_bank"), checkpoint.get("backbone_state")
     config = checkpoint.get("config")
+    if isinstance(config, dict):
+        config = checkpoint["config"] = {key: value for key, value in config.items() if key not in FIELDS_REMOVED}
     known_fields = isinstance(config, dict) and field_names - FIELDS_ADDED_IN_VERSION_2 <= set(config) <= field_names
     if (not known_fields or not isinstance(bank, torch.Tensor) or bank.ndim != 2
             or bank.shape[1] != checkpoint["config"]["embedding_dim"] or "weights_digest" not in checkpoint
@@ -634,6 +654,12 @@ def read_checkpoint(path: str | Path, category: str | None = None) -> dict:
     if len(bank) == 0 or not bool(torch.isfinite(bank).all()):
         raise UserError(f"checkpoint '{path}' has an empty memory bank or NaN / infinite entries in it: retrain with "
                         f"train.py")
+    centroids = checkpoint.get("ivf_centroids")
+    if centroids is not None and (not isinstance(centroids, torch.Tensor) or centroids.ndim != 2
+                                  or len(centroids) == 0 or centroids.shape[1] != bank.shape[1]
+                                  or not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all())):
+        raise UserError(f"checkpoint '{path}' has damaged IVF centroids (not finite (lists, {bank.shape[1]}) "
+                        f"numbers): retrain with train.py")
     entry_images = checkpoint.get("entry_images")
     if entry_images is not None and (not isinstance(entry_images, torch.Tensor) or entry_images.shape != (len(bank),)
                                      or not isinstance(checkpoint.get("images"), list)

@@ -126,6 +126,17 @@ def ivf_lists(bank_size: int) -> int:
     return max(1, min(round(4 * math.sqrt(bank_size)), bank_size // 39))
 
 
+def train_ivf_centroids(bank: torch.Tensor) -> torch.Tensor:
+    """The coarse centroids (ivf_lists(len(bank)), D) of an inverted file on ``bank`` (on the CPU), float32: faiss's
+    k-means as IndexIVFFlat.train runs it, with faiss's fixed seed (1234), so the same bank gives the same centroids.
+    The costly step of building an inverted file (21 s for a 100k bank, issue #31): a model computes them once, at
+    training, and its checkpoint keeps them."""
+    dim = bank.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, ivf_lists(len(bank)))
+    index.train(bank)
+    return index.quantizer.reconstruct_n(0, index.nlist)
+
+
 def _bf16_with_columns(rows: torch.Tensor, columns: torch.Tensor, block: int = 32) -> torch.Tensor:
     """``rows`` and then ``columns`` side by side in bf16, zero-padded to a multiple of ``block`` columns (the
     depth of AMX's bf16 tiles): one product of such queries (-2q, 1, 1) and entries (b, the bf16 rounding of
@@ -140,19 +151,21 @@ class NearestNeighbours:
 
     search 'pruned' (the default) is exact: ``PrunedFlatIndex`` on the CPU; on a GPU, where the flat search's matrix
     product is cheap, it runs as 'flat'. 'flat' is exact, every query against every entry. 'ivf' clusters the bank
-    into ``ivf_lists(len(bank))`` lists (faiss k-means, seeded) and visits the ``probe`` lists nearest to each query:
-    approximate, much faster on big banks. ``bf16`` (flat only) ranks the bank with one bfloat16 product per chunk
-    of queries, the entries' norms included, for CPUs and GPUs with native bf16, then re-ranks the ``candidates``
-    best exactly in float32: the distances returned are those of float32 search for the entry found, which is the
-    exact nearest unless a true neighbour fell outside the candidates (a CPU without bf16 units rounds the same way
-    but multiplies in fp32, as fast as fp32 search). On a GPU with faiss-gpu, a bank too big for one GPU is split
-    across all of them (faiss sharding).
+    into lists around ``ivf_centroids`` (given: no k-means; None: ``train_ivf_centroids(bank)``), kept as
+    ``self.ivf_centroids``, and visits the ``probe`` lists nearest to each query: approximate, much faster on big
+    banks. ``bf16`` (flat only) ranks the bank with one bfloat16 product per chunk of queries, the entries' norms
+    included, for CPUs and GPUs with native bf16, then re-ranks the ``candidates`` best exactly in float32: the
+    distances returned are those of float32 search for the entry found, which is the exact nearest unless a true
+    neighbour fell outside the candidates (a CPU without bf16 units rounds the same way but multiplies in fp32, as
+    fast as fp32 search). On a GPU with faiss-gpu, a bank too big for one GPU is split across all of them (faiss
+    sharding).
     """
 
     def __init__(self, bank: torch.Tensor, search: str = "pruned", probe: int = 8, bf16: bool = False,
-                 candidates: int = 16):
+                 candidates: int = 16, ivf_centroids: torch.Tensor | None = None):
         self.bank = bank.float().contiguous()
         self.bf16, self.candidates, self.index = bf16 and search == "flat", candidates, None
+        self.ivf_centroids: torch.Tensor | None = None
         dim, on_gpu = self.bank.shape[1], self.bank.device.type == "cuda"
         search = "flat" if search == "pruned" and on_gpu else search
         if self.bf16 or (on_gpu and not hasattr(faiss, "StandardGpuResources") and search == "flat"):
@@ -168,8 +181,12 @@ class NearestNeighbours:
             self.index, self.on_index_device = PrunedFlatIndex(self.bank.numpy()), False
             return
         if search == "ivf":
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, ivf_lists(len(self.bank)))
-            self.index.train(self.bank.cpu())
+            if ivf_centroids is None:
+                ivf_centroids = train_ivf_centroids(self.bank.cpu())
+            self.ivf_centroids = ivf_centroids.float().cpu().contiguous()
+            quantizer = faiss.IndexFlatL2(dim)
+            quantizer.add(self.ivf_centroids)  # holding all its lists' centroids, the index counts as trained
+            self.index = faiss.IndexIVFFlat(quantizer, dim, len(self.ivf_centroids))
             self.index.nprobe = probe
         else:
             self.index = faiss.IndexFlatL2(dim)

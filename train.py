@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import calibrate
+from calibration import OUT_OF_FOLD, calibrate
 from atomic import WriteError, check_writable_folder
 from config import PatchCoreConfig, TrainConfig, UserError, parse_flags, run_cli
 from dataset import GOOD, MVTecDataset, list_categories, make_loader
@@ -40,23 +40,17 @@ def is_up_to_date(path: Path, config: PatchCoreConfig, weights_digest: str, data
             and checkpoint.get("data_path") == str(Path(data_path).resolve()) and same_roi)
 
 
-def held_out_indices(count: int, fraction: float, seed: int, category: str) -> list[int]:
-    """A seeded ``fraction`` of ``count`` training images (at least one, never all) to calibrate the thresholds."""
-    if count < 2:
-        raise UserError(f"'{category}' has {count} training image: calibrating the thresholds needs at least 2, "
-                        f"or a validation/good folder")
-    size = min(count - 1, max(1, round(fraction * count)))
-    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].tolist())
-
-
 def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig, data_path: str, category: str) -> dict:
     """Build the memory bank from every training image and set the thresholds from good images it has not seen:
-    validation/good when the category has one, else a held-out part of train/good, scored against the coreset of
-    the other training images (the bank a model trained without them would have)."""
+    validation/good when the category has one, else every train/good image scored out of fold (each of
+    --calibration_folds folds against the coreset of the others: the bank a model trained without it would have)."""
     config, device = model.config, model.device
     validation = Path(data_path, category, "validation", GOOD).is_dir()
-    held_out = [] if validation else held_out_indices(len(dataset), config.calibration_fraction, config.seed, category)
-    timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), held_out, run.feature_store)
+    if not validation and len(dataset) < 2:
+        raise UserError(f"'{category}' has {len(dataset)} training image: calibrating the thresholds needs at least 2, "
+                        f"or a validation/good folder")
+    folds = 0 if validation else config.calibration_folds
+    timings = model.fit(make_loader(dataset, run.batch_size, run.num_workers, device), folds, run.feature_store)
     if validation:
         start = time.perf_counter()
         calibration_set = MVTecDataset(data_path, category, "validation", config.geometry)
@@ -67,10 +61,10 @@ def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig,
             maxima += maps.flatten(1).max(1).values.tolist()
         timings["calibration_s"] = time.perf_counter() - start
     else:
-        samples = [dataset.samples[i] for i in held_out]
-        held = timings.pop("held_out")
-        scores, maxima = held["image_scores"], held["map_maxima"]
-    source = "validation/good" if validation else "held-out train/good"
+        samples = dataset.samples
+        out_of_fold = timings.pop("out_of_fold")
+        scores, maxima = out_of_fold["image_scores"], out_of_fold["map_maxima"]
+    source = "validation/good" if validation else OUT_OF_FOLD
     names = [str(s.path.relative_to(Path(data_path, category))) for s in samples]
     model.calibration = c = calibrate(scores, maxima, config.false_alarm_rate, source, names)
     note = (f" (extrapolated: {len(names)} images are too few for an order statistic at this rate; "

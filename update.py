@@ -7,7 +7,10 @@ most the coreset ratio of the new patches. The thresholds are set again from the
 already has (the bank only grows, so their scores against it can only fall: keeping them is conservative) and the
 new images scored out of fold (each fold against the bank plus the picks from the other folds), at the stored
 false-alarm rate. Every update is one history entry holding what undoes it, so rollback restores the previous
-version exactly; the old training images are never needed.
+version exactly; the old training images are never needed. With search 'ivf', every update keeps the model's IVF
+centroids (the k-means of training): they still partition the space, and only the lists are refilled with the new
+bank, so no update runs a k-means (nor rollback, which restores the index exactly). A bank grown far beyond the one
+trained on keeps its lists' count, ivf_lists of that bank; retraining sizes them anew.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from tqdm import tqdm
 
 from calibration import Calibration, calibrate
 from config import UserError
-from coreset import Projection, continued_run, distances_to, run_greedy, squared_row_norms
+from coreset import Projection, continued_run, distances_to, image_folds, run_greedy, squared_row_norms
 from dataset import ImageFiles, make_loader
 from images import expand_paths, file_sha256
 from search import NearestNeighbours
@@ -84,7 +87,8 @@ def add_good(model: PatchCore, files: Sequence[str | Path], batch_size: int = 32
         undo = {"bank_size": len(model.memory_bank), "images": len(model.images),
                 "calibration": None if model.calibration is None else model.calibration.to_dict()}
         patches = features.shape[1] * features.shape[2]
-        model.set_memory_bank(torch.cat([model.memory_bank, features.flatten(0, 2)[picks].to(model.device)]))
+        model.set_memory_bank(torch.cat([model.memory_bank, features.flatten(0, 2)[picks].to(model.device)]),
+                              model.ivf_centroids)
         image_index = torch.tensor(picks, dtype=torch.int64) // patches + len(model.images)
         model.entry_images = torch.cat([model.entry_images, image_index.to(torch.int32)])
         model.images = model.images + records
@@ -113,7 +117,7 @@ def remove_images(model: PatchCore, files: Sequence[str | Path]) -> dict:
     undo = {"positions": positions, "rows": model.memory_bank[positions].cpu(),
             "entry_images": model.entry_images[positions], "images": matched,
             "calibration": None if model.calibration is None else model.calibration.to_dict()}
-    model.set_memory_bank(model.memory_bank[keep.to(model.device)])
+    model.set_memory_bank(model.memory_bank[keep.to(model.device)], model.ivf_centroids)
     model.entry_images = model.entry_images[keep]
     removed_paths = [model.images[i]["path"] for i in matched]
     for i in matched:
@@ -133,7 +137,7 @@ def rollback(model: PatchCore) -> dict:
     last = model.history[-1]
     undo = last.get("undo")
     if last["action"] == "add_good" and undo is not None:
-        model.set_memory_bank(model.memory_bank[:undo["bank_size"]])
+        model.set_memory_bank(model.memory_bank[:undo["bank_size"]], model.ivf_centroids)
         model.entry_images = model.entry_images[:undo["bank_size"]]
         model.images = model.images[:undo["images"]]
     elif last["action"] == "remove_images":
@@ -144,7 +148,7 @@ def rollback(model: PatchCore) -> dict:
         bank[keep], bank[undo["positions"]] = model.memory_bank.cpu(), undo["rows"]
         entry_images = torch.empty(total, dtype=torch.int32)
         entry_images[keep], entry_images[undo["positions"]] = model.entry_images, undo["entry_images"]
-        model.set_memory_bank(bank)
+        model.set_memory_bank(bank, model.ivf_centroids)
         model.entry_images = entry_images
         for i in undo["images"]:
             model.images[i] = {key: value for key, value in model.images[i].items() if key != "removed"}
@@ -198,7 +202,7 @@ def _picks_and_scores(model: PatchCore, features: torch.Tensor, scoring: torch.T
     images = len(features)
     inside = model.inspected_rows(tuple(features.shape[1:3]), len(points))  # only patches it inspects enter the bank
     every = torch.arange(len(points), device=model.device) if inside is None else inside
-    folds = [torch.arange(f, images, min(FOLDS, images)) for f in range(min(FOLDS, images))]
+    folds = image_folds(images, FOLDS)
     runs = [continued_run(to_bank, math.ceil(config.coreset_ratio * len(every)), radius, every)]
     for fold in folds:
         rows = every[~torch.isin(every // patches, fold.to(model.device))]

@@ -12,7 +12,7 @@ import torch
 from baseline import plain_greedy_coreset
 from conftest import SMALL_CONFIG, TILES_COUNTS
 from config import PatchCoreConfig, UserError
-from coreset import FeatureStore, Projection, choose_coreset, greedy_coreset
+from coreset import FeatureStore, Projection, choose_coreset, choose_coresets, greedy_coreset, image_folds
 from dataset import MVTecDataset, make_loader
 from metrics import image_auroc, pixel_auroc
 from patchcore import PatchCore
@@ -69,6 +69,24 @@ def test_coreset_of_some_rows_equals_the_coreset_of_those_rows(ratio: float, mod
     picks = choose_coreset(points, ratio, projection, mode, 1000, rows=rows, progress=False).picks
     alone = choose_coreset(points[rows], ratio, projection, mode, 1000, progress=False).picks
     assert picks.tolist() == rows[alone].tolist()
+
+
+@pytest.mark.parametrize("mode, shard_size", [("exact", 10**6), ("auto", 250)])
+def test_coresets_chosen_together_are_each_the_coreset_chosen_alone(mode: str, shard_size: int) -> None:
+    """The bank's coreset and the calibration folds' (30 images of 10 patches, 5 folds), chosen in one greedy pass:
+    each pick sequence is the one its own run chooses, which is brute-force k-center on its rows; with 'auto' the
+    whole set (300 > 250 points) is sharded and the folds' (240) are not."""
+    features = random_features(300, 40, 6)
+    points, projection = project(features, 16, 2)
+    every = torch.arange(300)
+    row_sets = [None] + [every[~torch.isin(every // 10, fold)] for fold in image_folds(30, 5)]
+    together = choose_coresets(points, 0.1, projection, mode, shard_size, row_sets, progress=False)
+    assert [c.shards for c in together] == [1 if mode == "exact" else 2] + [1] * 5
+    for rows, coreset in zip(row_sets, together):
+        alone = choose_coreset(points, 0.1, projection, mode, shard_size, rows=rows, progress=False)
+        assert coreset.picks.tolist() == alone.picks.tolist() and coreset.radius == alone.radius
+        if rows is not None:
+            assert coreset.picks.tolist() == rows[brute_force_coreset(features[rows], 0.1, 16, 2)].tolist()
 
 
 @pytest.mark.parametrize("candidates", [3, 50])
@@ -158,20 +176,20 @@ def test_feature_store_auto_mode_goes_to_disk_when_memory_is_short(monkeypatch) 
 
 @pytest.mark.parametrize("coreset", ["exact", "sharded"])
 def test_low_memory_training_builds_the_same_model(data_root: Path, coreset: str) -> None:
-    """Features on disk (only projections in memory): the same memory bank and the same held-out scores."""
+    """Features on disk (only projections in memory): the same memory bank and the same out-of-fold scores."""
     config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset": coreset, "coreset_shard_size": 300})
     train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     models, reports = [], []
     for store in ("memory", "disk"):
         model = PatchCore(config, CPU, extractor=models[0].extractor if models else None)
-        reports.append(model.fit(make_loader(train, 8, 0, CPU), [1, 6], feature_store=store))
+        reports.append(model.fit(make_loader(train, 8, 0, CPU), 3, feature_store=store))
         models.append(model)
     assert [r["feature_store"] for r in reports] == ["memory", "disk"]
     assert reports[0]["coreset_shards"] == reports[1]["coreset_shards"] == (1 if coreset == "exact" else 4)
     patches = TILES_COUNTS["train"] * 64  # 1024: 4 shards of 256 -> 4 x 25 picks, against int(1024 x 0.1)
     assert len(models[0].memory_bank) == {"exact": int(patches * 0.1), "sharded": 4 * int(patches / 4 * 0.1)}[coreset]
     assert torch.equal(models[0].memory_bank, models[1].memory_bank)
-    assert reports[0]["held_out"] == reports[1]["held_out"]
+    assert reports[0]["out_of_fold"] == reports[1]["out_of_fold"]
 
 
 def test_sharded_training_detects_what_exact_training_detects(data_root: Path) -> None:

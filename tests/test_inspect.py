@@ -17,10 +17,11 @@ from PIL import Image
 from calibration import Calibration, calibrate, operating_point, threshold_at
 from images import Geometry
 from conftest import SMALL, SMALL_CONFIG, TILES_COUNTS, Trained, run_in_process, run_script
-from config import PatchCoreConfig, UserError
+from config import PatchCoreConfig, TrainConfig, UserError
+from coreset import image_folds
 from dataset import MVTecDataset, make_loader
 from patchcore import PatchCore, read_checkpoint
-from train import held_out_indices
+from train import fit_and_calibrate
 
 CPU = torch.device("cpu")
 
@@ -85,51 +86,62 @@ def test_operating_point() -> None:
                                                                     "recall": 1.0, "precision": 0.6}
 
 
-def test_held_out_indices() -> None:
-    toothbrush = held_out_indices(60, 0.2, 0, "toothbrush")
-    assert len(toothbrush) == 12 and toothbrush == sorted(set(toothbrush)) and max(toothbrush) < 60
-    assert toothbrush == held_out_indices(60, 0.2, 0, "toothbrush") != held_out_indices(60, 0.2, 1, "toothbrush")
-    assert len(held_out_indices(2, 0.2, 0, "c")) == 1 and len(held_out_indices(3, 0.9, 0, "c")) == 2
-    with pytest.raises(UserError, match="at least 2"):
-        held_out_indices(1, 0.2, 0, "c")
+def test_image_folds_split_every_image_once() -> None:
+    folds = image_folds(12, 5)
+    assert [fold.tolist() for fold in folds] == [[0, 5, 10], [1, 6, 11], [2, 7], [3, 8], [4, 9]]
+    assert [fold.tolist() for fold in image_folds(3, 5)] == [[0], [1], [2]]  # at most one fold per image
+
+
+def test_one_training_image_cannot_set_thresholds(data_root: Path) -> None:
+    config = PatchCoreConfig(**SMALL_CONFIG)
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
+    train.samples = train.samples[:1]
+    with pytest.raises(UserError, match="'tiles' has 1 training image: calibrating the thresholds needs at least 2"):
+        fit_and_calibrate(PatchCore(config, CPU), train, TrainConfig(), str(data_root), "tiles")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Calibration in training
 
 
-def test_train_stores_thresholds_from_held_out_images(trained_tiles: Trained) -> None:
+def test_train_stores_thresholds_from_every_training_image_out_of_fold(trained_tiles: Trained) -> None:
     checkpoint = read_checkpoint(trained_tiles.checkpoint)
     c = Calibration.from_dict(checkpoint["calibration"])
-    assert c.source == "held-out train/good" and c.false_alarm_rate == 0.01
-    held = round(0.2 * TILES_COUNTS["train"])
-    assert len(c.images) == len(c.image_scores) == len(c.map_maxima) == held
+    assert c.source == "train/good (out of fold)" and c.false_alarm_rate == 0.01
+    assert len(c.images) == len(set(c.images)) == len(c.image_scores) == len(c.map_maxima) == TILES_COUNTS["train"]
     assert all(name.startswith("train/good/") for name in c.images)
     assert c.rule == "gumbel" and c.image_threshold >= max(c.image_scores) > 0 and c.pixel_threshold >= max(c.map_maxima)
-    # The memory bank still holds every training image's patches (the ratio applies to all of them).
+    # The memory bank holds every training image's patches (the ratio applies to all of them).
     assert len(checkpoint["memory_bank"]) == int(TILES_COUNTS["train"] * 64 * 0.1)
-    assert "thresholds for 1.0% false alarms from 3 held-out train/good images" in trained_tiles.train_output
+    assert (f"thresholds for 1.0% false alarms from {TILES_COUNTS['train']} train/good (out of fold) images"
+            in trained_tiles.train_output)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 1.0])
-def test_held_out_images_are_scored_as_by_a_model_trained_without_them(data_root: Path, ratio: float) -> None:
-    """The held-out images score exactly as against the bank of a model trained on the other images alone (same
-    ratio and seed); at ratio 1 the full bank holds their own patches, against which they score about 0."""
+def test_each_fold_is_scored_as_by_a_model_trained_without_it(data_root: Path, ratio: float) -> None:
+    """Every training image scores exactly as against the bank of a model trained on the other folds alone (same
+    ratio and seed; folds interleaved, image i in fold i mod k); at ratio 1 the full bank holds their own patches,
+    against which they score about 0."""
     config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset_ratio": ratio})
     train = MVTecDataset(data_root, "tiles", "train", config.geometry)
-    held_out = [2, 5, 11]
-    images = torch.stack([train[i]["image"] for i in held_out])
     model = PatchCore(config, CPU)
-    report = model.fit(make_loader(train, 8, 0, CPU), held_out)
+    report = model.fit(make_loader(train, 8, 0, CPU), calibration_folds=5)
     assert len(model.memory_bank) == int(TILES_COUNTS["train"] * 64 * ratio)  # every image's patches
-    others = PatchCore(config, CPU, extractor=model.extractor)
-    train.samples = [s for i, s in enumerate(train.samples) if i not in held_out]
-    others.fit(make_loader(train, 8, 0, CPU))
-    scores, maps = others.predict(images)
-    np.testing.assert_allclose(report["held_out"]["image_scores"], scores.numpy(), rtol=1e-4)
-    np.testing.assert_allclose(report["held_out"]["map_maxima"], maps.flatten(1).max(1).values.numpy(), rtol=1e-4)
-    if ratio == 1.0:
-        assert (model.predict(images)[0] < 0.05 * scores).all()  # ~0 up to float rounding
+    samples = list(train.samples)
+    for fold in range(5):
+        held_out = list(range(fold, len(samples), 5))
+        images = torch.stack([train[i]["image"] for i in held_out])
+        others = PatchCore(config, CPU, extractor=model.extractor)
+        train.samples = [s for i, s in enumerate(samples) if i % 5 != fold]
+        others.fit(make_loader(train, 8, 0, CPU))
+        train.samples = samples
+        scores, maps = others.predict(images)
+        np.testing.assert_allclose([report["out_of_fold"]["image_scores"][i] for i in held_out], scores.numpy(),
+                                   rtol=1e-4)
+        np.testing.assert_allclose([report["out_of_fold"]["map_maxima"][i] for i in held_out],
+                                   maps.flatten(1).max(1).values.numpy(), rtol=1e-4)
+        if ratio == 1.0:
+            assert (model.predict(images)[0] < 0.05 * scores).all()  # ~0 up to float rounding
 
 
 def test_validation_good_folder_is_used_for_calibration(trained_tiles: Trained, tmp_path: Path) -> None:
@@ -283,7 +295,8 @@ def test_evaluate_reports_the_stored_operating_point(trained_tiles: Trained, eva
     expected = operating_point(labels, scores, threshold)
     for key in ("false_alarm_rate", "recall", "precision"):
         assert tiles[key] == pytest.approx(expected[key], abs=1e-6)
-    assert tiles["calibration"] == {"source": "held-out train/good", "images": 3, "rule": "gumbel",
+    assert tiles["calibration"] == {"source": "train/good (out of fold)", "images": TILES_COUNTS["train"],
+                                    "rule": "gumbel",
                                     "pixel_threshold": pytest.approx(tiles["calibration"]["pixel_threshold"])}
     assert tiles["recall"] > 0.5  # the strong synthetic defects are mostly caught at a threshold set without them
     # The F1-optimal threshold is one image's exact score; scores.csv rounds to 1e-6, so compare a hair below it.

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import faiss
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from config import PatchCoreConfig, UserError
 from dataset import MVTecDataset, make_loader
 from metrics import image_auroc
 from patchcore import PatchCore, read_checkpoint
-from search import NearestNeighbours, ivf_lists
+from search import NearestNeighbours, ivf_lists, train_ivf_centroids
 
 CPU = torch.device("cpu")
 
@@ -81,6 +82,93 @@ def test_ivf_visiting_every_list_is_exact_and_few_lists_find_most_neighbours() -
 
 def test_ivf_lists_keep_enough_training_points() -> None:
     assert ivf_lists(1) == 1 and ivf_lists(390) == 10 and ivf_lists(10**6) == 4000
+
+
+def _forbid_k_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any training of an inverted file (faiss's k-means) fail."""
+    def refuse(*_) -> None:
+        raise AssertionError("k-means ran")
+
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", refuse)
+    monkeypatch.setattr(faiss.Kmeans, "train", refuse)
+
+
+def test_ivf_index_from_given_centroids_searches_as_the_trained_one_without_k_means(monkeypatch) -> None:
+    bank, queries = clustered(4000, 32, 4), clustered(400, 32, 5)
+    trained = NearestNeighbours(bank, "ivf", probe=2)
+    assert trained.ivf_centroids.shape == (ivf_lists(len(bank)), 32)
+    assert torch.equal(train_ivf_centroids(bank), trained.ivf_centroids)  # seeded: the same bank, the same k-means
+    _forbid_k_means(monkeypatch)
+    rebuilt = NearestNeighbours(bank, "ivf", probe=2, ivf_centroids=trained.ivf_centroids)
+    assert rebuilt.index.is_trained and torch.equal(rebuilt.ivf_centroids, trained.ivf_centroids)
+    for got, want in zip(rebuilt.search(queries, 3), trained.search(queries, 3)):
+        assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def ivf_model(data_root: Path) -> tuple[PatchCore, torch.Tensor]:
+    """tiles trained in-process with search 'ivf' (13 lists, 1 visited: the partition decides neighbours), and
+    test images."""
+    config = PatchCoreConfig(**{**SMALL_CONFIG, "coreset_ratio": 0.5}, search="ivf", ivf_probe=1)
+    model = PatchCore(config, CPU)
+    model.fit(make_loader(MVTecDataset(data_root, "tiles", "train", config.geometry), 8, 0, CPU))
+    test = MVTecDataset(data_root, "tiles", "test", config.geometry)
+    return model, next(iter(make_loader(test, len(test), 0, CPU)))["image"]
+
+
+def test_ivf_model_stores_its_centroids_and_loads_and_updates_without_k_means(ivf_model, data_root: Path,
+                                                                              tmp_path: Path, monkeypatch) -> None:
+    model, images = ivf_model
+    assert model.ivf_centroids.shape == (ivf_lists(len(model.memory_bank)), 1024) == (13, 1024)
+    scores, maps = model.predict(images)
+    model.save(tmp_path / "tiles.pt")
+    _forbid_k_means(monkeypatch)
+    loaded, _ = PatchCore.load(tmp_path / "tiles.pt", CPU)
+    assert torch.equal(loaded.ivf_centroids, model.ivf_centroids)
+    loaded_scores, loaded_maps = loaded.predict(images)
+    assert torch.equal(loaded_scores, scores) and torch.equal(loaded_maps, maps)
+
+    report = loaded.add_good(sorted((data_root / "tiles" / "test" / "good").glob("*.png")))  # the folds' indexes too
+    assert report["entries_added"] > 0
+    loaded.save(tmp_path / "tiles.pt")
+    updated, _ = PatchCore.load(tmp_path / "tiles.pt", CPU)
+    assert torch.equal(updated.ivf_centroids, model.ivf_centroids)  # kept: the lists refilled with the grown bank
+    assert len(updated.memory_bank) == len(model.memory_bank) + report["entries_added"]
+    updated.rollback()
+    assert torch.equal(updated.memory_bank, model.memory_bank)
+    assert torch.equal(updated.ivf_centroids, model.ivf_centroids)
+    rolled_scores, rolled_maps = updated.predict(images)
+    assert torch.equal(rolled_scores, scores) and torch.equal(rolled_maps, maps)
+
+
+def test_ivf_checkpoint_without_centroids_trains_them_at_load(ivf_model, tmp_path: Path, capsys) -> None:
+    """A checkpoint from before the centroids were stored: the same seeded k-means at load, the same scores."""
+    model, images = ivf_model
+    model.save(tmp_path / "tiles.pt")
+    checkpoint = torch.load(tmp_path / "tiles.pt", weights_only=True)
+    del checkpoint["ivf_centroids"]
+    torch.save(checkpoint, tmp_path / "tiles.pt")
+    loaded, _ = PatchCore.load(tmp_path / "tiles.pt", CPU)
+    assert "no stored IVF centroids: the index is trained (k-means) at each load" in capsys.readouterr().err
+    assert torch.equal(loaded.ivf_centroids, model.ivf_centroids)
+    assert torch.equal(loaded.predict(images)[0], model.predict(images)[0])
+
+
+CENTROID_DAMAGES = {"wrong width": lambda centroids: centroids[:, :512],
+                    "NaN": lambda centroids: centroids.index_fill(0, torch.tensor([3]), float("nan")),
+                    "not a tensor": lambda centroids: centroids.tolist(),
+                    "no lists": lambda centroids: centroids[:0]}
+
+
+@pytest.mark.parametrize("damage", list(CENTROID_DAMAGES))
+def test_ivf_checkpoint_with_damaged_centroids_is_refused(ivf_model, tmp_path: Path, damage: str) -> None:
+    model, _ = ivf_model
+    model.save(tmp_path / "tiles.pt")
+    checkpoint = torch.load(tmp_path / "tiles.pt", weights_only=True)
+    checkpoint["ivf_centroids"] = CENTROID_DAMAGES[damage](checkpoint["ivf_centroids"])
+    torch.save(checkpoint, tmp_path / "tiles.pt")
+    with pytest.raises(UserError, match="has damaged IVF centroids"):
+        PatchCore.load(tmp_path / "tiles.pt", CPU)
 
 
 @pytest.mark.parametrize("device, native_bf16, precision, want", [
@@ -166,18 +254,18 @@ def test_bf16_model_scores_like_the_float32_model(data_root: Path, search: str) 
 
 def test_fp32_bank_trains_the_fp32_models_bank_and_calibrates_and_scores_in_bf16(data_root: Path) -> None:
     """fp32_bank (the default): the training features, hence the coreset picks and the bank, are the fp32 path's
-    exactly; the held-out images are scored from bf16 features, as inspection will score, against the bank of the
-    other images alone."""
-    config = PatchCoreConfig(**SMALL_CONFIG, calibration_fraction=0.25)
+    exactly; the calibration images are scored from bf16 features, as inspection will score, against the bank of
+    the other folds' images alone."""
+    config = PatchCoreConfig(**SMALL_CONFIG, calibration_folds=4)
     assert config.fp32_bank
     train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     images = next(iter(make_loader(MVTecDataset(data_root, "tiles", "test", config.geometry), 8, 0,
                                    CPU)))["image"]
     fp32 = PatchCore(dataclasses.replace(config, precision="fp32"), CPU)
     bf16 = PatchCore(dataclasses.replace(config, precision="bf16"), CPU, extractor=fp32.extractor)
-    held_out = [0, 3]
+    held_out = list(range(3, len(train), 4))  # the last of 4 interleaved folds
     held_out_images = torch.stack([train[i]["image"] for i in held_out])
-    reports = [model.fit(make_loader(train, 8, 0, CPU), held_out) for model in (fp32, bf16)]
+    reports = [model.fit(make_loader(train, 8, 0, CPU), 4) for model in (fp32, bf16)]
     assert torch.equal(bf16.memory_bank, fp32.memory_bank)
 
     others = PatchCore(fp32.config, CPU, extractor=fp32.extractor)
@@ -186,8 +274,9 @@ def test_fp32_bank_trains_the_fp32_models_bank_and_calibrates_and_scores_in_bf16
     bf16_others = PatchCore(bf16.config, CPU, extractor=fp32.extractor)
     bf16_others.set_memory_bank(others.memory_bank)
     held_out_scores = bf16_others.predict(held_out_images)[0].tolist()
-    assert reports[1]["held_out"]["image_scores"] == pytest.approx(held_out_scores, rel=1e-5)
-    assert reports[1]["held_out"]["image_scores"] != pytest.approx(reports[0]["held_out"]["image_scores"], rel=1e-6)
+    scores = [[report["out_of_fold"]["image_scores"][i] for i in held_out] for report in reports]
+    assert scores[1] == pytest.approx(held_out_scores, rel=1e-5)
+    assert scores[1] != pytest.approx(scores[0], rel=1e-6)
 
     scores32, scores16 = fp32.predict(images)[0], bf16.predict(images)[0]
     assert not torch.equal(scores16, scores32)  # bf16 at inference ...
