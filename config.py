@@ -422,6 +422,23 @@ def from_arguments(config_class: type, args: argparse.Namespace) -> Any:
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def to_flags(config: Any) -> list[str]:
+    """The command-line flags that give every field of ``config`` as it is (add_arguments' flags, inverted): to run
+    a script as a whole process with settings held in a dataclass."""
+    flags = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None or f.metadata.get("positional"):
+            continue
+        if isinstance(value, bool):
+            flags += [f"--{f.name}"] if value else ([f"--no-{f.name}"] if f.default else [])
+        elif isinstance(value, tuple):
+            flags += [f"--{f.name}", *map(str, value)] if value else []
+        else:
+            flags += [f"--{f.name}", str(value)]
+    return flags
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

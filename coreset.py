@@ -68,21 +68,49 @@ def greedy_coreset(points: torch.Tensor, ratio: float, generator: torch.Generato
 
 def started_run(points: torch.Tensor, ratio: float, generator: torch.Generator, rows: torch.Tensor | None = None,
                 num_starts: int = 10) -> GreedyRun | None:
-    """The reference's greedy over the points (or their ``rows``) before its first pick: each point's distance its
-    mean distance to ``num_starts`` random points of the run, squared; points outside the run at -inf. None when
-    the ratio keeps every point (no greedy to run)."""
-    num_points = len(points) if rows is None else len(rows)
-    count = max(1, int(num_points * ratio))
-    if count >= num_points:
-        return None
-    starts = torch.randint(num_points, (num_starts,), generator=generator).to(points.device)
-    starts = starts if rows is None else rows[starts]
-    nearest = torch.cat([torch.cdist(part, points[starts]).mean(1).square() for part in points.split(1 << 16)])
-    if rows is not None:
-        outside = torch.ones_like(nearest, dtype=torch.bool)
-        outside[rows] = False
-        nearest[outside] = -math.inf
-    return GreedyRun(nearest, count)
+    """The reference's greedy over the points (or their ``rows``) before its first pick (see started_runs)."""
+    return started_runs(points, ratio, [generator], [rows], num_starts)[0]
+
+
+def started_runs(points: torch.Tensor, ratio: float, generators: list[torch.Generator],
+                 row_sets: list[torch.Tensor | None], num_starts: int = 10,
+                 block: int = 1 << 16) -> list[GreedyRun | None]:
+    """Greedy runs over the points (or each set of rows) before their first pick, as the reference starts one: each
+    point's distance its mean distance to ``num_starts`` random points of the run (drawn by the run's generator),
+    squared, the distances computed as the reference computes them (sqrt of ||p||² - 2 p·s + ||s||², clamped at
+    0), for all runs in one product per block of points; points outside a run at -inf. None for a run whose ratio
+    keeps every point (no greedy to run)."""
+    counts, starts = [], []
+    for generator, rows in zip(generators, row_sets):
+        num_points = len(points) if rows is None else len(rows)
+        count = max(1, int(num_points * ratio))
+        counts.append(count if count < num_points else None)
+        if count < num_points:
+            drawn = torch.randint(num_points, (num_starts,), generator=generator).to(points.device)
+            starts.append(drawn if rows is None else rows[drawn])
+    if not starts:
+        return [None] * len(row_sets)
+    anchors = points[torch.cat(starts)]
+    anchor_norms, squared_norms = squared_row_norms(anchors), squared_row_norms(points)
+    means = torch.empty(len(starts), len(points), device=points.device)
+    for first in range(0, len(points), block):
+        last = first + block
+        distances = torch.addmm(anchor_norms, points[first:last], anchors.T, alpha=-2)
+        distances = distances.add_(squared_norms[first:last, None]).clamp_(min=0).sqrt_()
+        means[:, first:last] = distances.view(-1, len(starts), num_starts).mean(2).T
+    runs: list[GreedyRun | None] = []
+    started = iter(means.square_())
+    for count, rows in zip(counts, row_sets):
+        if count is None:
+            runs.append(None)
+            continue
+        nearest = next(started)
+        if rows is not None:
+            outside = torch.ones_like(nearest, dtype=torch.bool)
+            outside[rows] = False
+            nearest[outside] = -math.inf
+        runs.append(GreedyRun(nearest, count))
+    return runs
 
 
 def squared_row_norms(points: torch.Tensor) -> torch.Tensor:
@@ -196,20 +224,21 @@ def choose_coresets(points: torch.Tensor, ratio: float, projection: Projection, 
     of the exact greedy in one pass (run_greedy: one product per step brings every run's distances up to date), as
     the memory bank and the calibration folds' banks of one training are chosen."""
     coresets: dict[int, Coreset] = {}
-    runs: dict[int, GreedyRun] = {}
+    exact: dict[int, torch.Tensor | None] = {}
     for position, rows in enumerate(row_sets):
         num_points = len(points) if rows is None else len(rows)
         num_shards = 1 if mode == "exact" else max(1 if mode == "auto" else 2, math.ceil(num_points / shard_size))
         if num_shards > 1:
             picks, radius = sharded_coreset(points, ratio, projection.generator(), num_shards, rows, progress)
             coresets[position] = Coreset(picks, num_shards, radius)
-            continue
-        run = started_run(points, ratio, projection.generator(), rows)
-        if run is None:
+        else:
+            exact[position] = rows
+    started = started_runs(points, ratio, [projection.generator() for _ in exact], list(exact.values()))
+    runs = {position: run for position, run in zip(exact, started) if run is not None}
+    for position, rows in exact.items():
+        if position not in runs:  # the ratio keeps every point
             everything = torch.arange(len(points), device=points.device) if rows is None else rows
             coresets[position] = Coreset(everything, 1, 0.0)
-        else:
-            runs[position] = run
     if runs:
         run_greedy(points, squared_row_norms(points), list(runs.values()), progress=progress)
     for position, run in runs.items():

@@ -357,13 +357,15 @@ class PatchCore:
         try:
             for batch in tqdm(loader, desc="features", unit="batch"):
                 embedded = self.embed(batch["image"], reduced_precision=not config.fp32_bank)
-                _require_finite(embedded, loader.dataset, batch["index"])
                 patches = embedded.flatten(0, 2)
                 if store is None:  # sized once from the first batch: no concatenation copies
                     grid = list(embedded.shape[1:3])
                     store = self._feature_store(len(loader.dataset) * grid[0] * grid[1], feature_store)
                     points = torch.empty(store.num_rows, config.projection_dim, device=self.device)
-                points[store.filled:store.filled + len(patches)] = patches @ matrix
+                projected = points[store.filled:store.filled + len(patches)]
+                projected[:] = patches @ matrix
+                # a NaN or infinite feature makes its projection so: checked there, on 1/8 of the numbers
+                _require_finite(projected.view(len(embedded), -1), loader.dataset, batch["index"])
                 store.append(patches)
             _sync(self.device)
             features_s = time.perf_counter() - start
@@ -421,7 +423,7 @@ class PatchCore:
         scores, maxima = [0.0] * count, [0.0] * count
         for fold, coreset in zip(folds, coresets):
             bank = store.rows(coreset.picks)
-            neighbours = self.index_for(bank)
+            neighbours = self.index_for(bank, like_the_bank=True)
             if loader is None:
                 batches = (store.rows((part[:, None] * patches_per_image + offsets).flatten()).view(len(part), *grid, -1)
                            for part in fold.split(batch_size))
@@ -447,11 +449,13 @@ class PatchCore:
         offsets = torch.arange(images, device=inside.device)[:, None] * (grid[0] * grid[1])
         return (offsets + inside).flatten()
 
-    def index_for(self, bank: torch.Tensor) -> NearestNeighbours:
+    def index_for(self, bank: torch.Tensor, like_the_bank: bool = False) -> NearestNeighbours:
         """The search index of ``bank`` with this model's search and precision settings (with search 'ivf', its
-        lists around the model's centroids)."""
+        lists around the model's centroids); ``like_the_bank``: a bank like the model's (a part of the same
+        training), whose pruned search borrows the model's principal axes."""
+        basis = getattr(self.neighbours.index, "basis", None) if like_the_bank and self.neighbours else None
         return NearestNeighbours(bank, self.search, self.config.ivf_probe, bf16=self.precision == "bf16",
-                                 ivf_centroids=self.ivf_centroids)
+                                 ivf_centroids=self.ivf_centroids, basis=basis)
 
     def set_memory_bank(self, bank: torch.Tensor, ivf_centroids: torch.Tensor | None = None) -> None:
         """Set the bank and build its index. With search 'ivf', the index's lists lie around ``ivf_centroids``: the

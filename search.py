@@ -32,18 +32,24 @@ class PrunedFlatIndex:
     settled when its k-th exact distance lies below the next bound, which bounds every other entry, so none of them
     can be nearer (a margin covers float32 rounding). The next level takes the queries left; those left after the
     last one get a full flat search. Distances are computed directly as ||q - b||^2 in float32.
-    ``settled`` counts the queries settled at each level and by the full search, over all searches so far.
+    ``settled`` counts the queries settled at each level and by the full search, over all searches so far. The
+    search is exact on any orthonormal axes around any centre: a ``basis`` (mean, axes) of a similar bank, such as
+    the final bank's for the calibration folds' banks, saves their eigendecomposition and keeps the bounds tight.
     """
 
     def __init__(self, bank: np.ndarray, heads: tuple[int, ...] = (64, 256), candidates: int = 16,
-                 margin: float = 1e-4):
+                 margin: float = 1e-4, basis: tuple[np.ndarray, np.ndarray] | None = None):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         size, dim = self.bank.shape
         self.candidates, self.margin = candidates, margin
         heads = tuple(h for h in heads if 2 * h < dim) if size > 4 * candidates else ()
         self.levels: list[tuple[np.ndarray, faiss.IndexFlatL2]] = []
+        self.basis = None  # (mean, principal axes): another bank like this one may borrow them (``basis``)
         if heads:
-            self.mean, principal = _principal_axes(self.bank, max(heads))
+            if basis is None or basis[1].shape[1] < max(heads):
+                basis = _principal_axes(self.bank, max(heads))
+            self.basis = basis
+            self.mean, principal = basis
             norms = self._centered_norms(self.bank)
             self.bank_norm = float(norms.max())
         for head in heads:
@@ -158,11 +164,12 @@ class NearestNeighbours:
     distances returned are those of float32 search for the entry found, which is the exact nearest unless a true
     neighbour fell outside the candidates (a CPU without bf16 units rounds the same way but multiplies in fp32, as
     fast as fp32 search). On a GPU with faiss-gpu, a bank too big for one GPU is split across all of them (faiss
-    sharding).
+    sharding). ``basis``: for 'pruned', the axes of a similar bank to borrow (PrunedFlatIndex).
     """
 
     def __init__(self, bank: torch.Tensor, search: str = "pruned", probe: int = 8, bf16: bool = False,
-                 candidates: int = 16, ivf_centroids: torch.Tensor | None = None):
+                 candidates: int = 16, ivf_centroids: torch.Tensor | None = None,
+                 basis: tuple[np.ndarray, np.ndarray] | None = None):
         self.bank = bank.float().contiguous()
         self.bf16, self.candidates, self.index = bf16 and search == "flat", candidates, None
         self.ivf_centroids: torch.Tensor | None = None
@@ -178,7 +185,7 @@ class NearestNeighbours:
                 self.bank_bf16 = bank_bf16 if self.native_bf16 else bank_bf16.float()
             return
         if search == "pruned":
-            self.index, self.on_index_device = PrunedFlatIndex(self.bank.numpy()), False
+            self.index, self.on_index_device = PrunedFlatIndex(self.bank.numpy(), basis=basis), False
             return
         if search == "ivf":
             if ivf_centroids is None:

@@ -211,7 +211,7 @@ def _picks_and_scores(model: PatchCore, features: torch.Tensor, scoring: torch.T
     scores, maxima = [0.0] * images, [0.0] * images
     for fold, run in zip(folds, runs[1:]):
         bank = torch.cat([model.memory_bank, features.flatten(0, 2)[run.picks].to(model.device)])
-        fold_scores, fold_maps = model.score(scoring[fold].to(model.device), model.index_for(bank), bank)
+        fold_scores, fold_maps = model.score(scoring[fold].to(model.device), model.index_for(bank, True), bank)
         for i, score, image_map in zip(fold.tolist(), fold_scores.tolist(), fold_maps):
             scores[i], maxima[i] = score, float(image_map.max())
     return runs[0].picks, scores, maxima

@@ -38,8 +38,10 @@ def test_each_precision_is_timed_against_the_same_reference_run(data_root: Path,
     for name, row in report["rows"].items():
         assert name.endswith(f"{row['project']['search']} search") and row["project"]["precision"] in name
         assert row["reference"]["t_test_inference_s"] == 6.0
+        assert row["project"]["train_process_s"] > row["project"]["features_s"] > 0  # train.py as a whole process
     table = (tmp_path / "benchmark.md").read_text(encoding="utf-8").splitlines()
     assert len(table) == 4 and table[2].startswith("| resnet18, coreset 0.1, fp32, pruned search | 8.0 + 4.0 s |")
+    assert "| train.py, whole process | speed-up |" in table[0]
 
 
 def test_deploy_benchmark_times_every_path_and_the_reference(data_root: Path, tmp_path: Path) -> None:

@@ -45,6 +45,22 @@ def test_correlated_features_are_settled_by_the_bounds_with_the_exact_neighbours
     assert index.settled[-1] < len(queries) / 4  # the bounds did the work, not the full search
 
 
+def test_a_bank_borrowing_a_similar_banks_axes_finds_the_exact_neighbours() -> None:
+    """As a calibration fold's bank borrows the final bank's axes: no eigendecomposition of its own, the same exact
+    neighbours, the bounds still doing the work; a basis too narrow for the heads is not borrowed."""
+    generator = np.random.default_rng(2)
+    full = correlated(3000, generator)
+    part, queries = full[np.arange(3000) % 5 != 0], correlated(400, generator)
+    lender = PrunedFlatIndex(full)
+    index = PrunedFlatIndex(part, basis=lender.basis)
+    assert index.basis is lender.basis
+    squared, indices = index.search(queries, 3)
+    assert_same_neighbours(part, queries, squared, indices, 3)
+    assert index.settled[-1] < len(queries) / 4
+    narrow = (lender.basis[0], lender.basis[1][:, :64])
+    assert PrunedFlatIndex(part, basis=narrow).basis[1].shape[1] == 256
+
+
 def test_isotropic_features_fall_back_to_the_full_search_with_the_exact_neighbours() -> None:
     generator = np.random.default_rng(1)
     bank = generator.standard_normal((2000, 1024)).astype(np.float32)

@@ -1,13 +1,13 @@
 """How well the stored thresholds fit unseen good images, measured on real data: the calibration images' scores
 against the good test images', and the stored threshold against the highest good test score, one run per category.
 
-    python benchmarks/calibration.py --categories mvtec_ad/bottle magnetic_tile --data_root ../shared/data \
+    python benchmarks/thresholds.py --categories mvtec_ad/bottle magnetic_tile --data_root ../shared/data \
         --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth
 
 Each category is trained with train.py (ResNet-50, coreset 1%, every other setting the default) and evaluated with
 evaluate.py, as whole processes, from --code (default: this checkout; another checkout measures another version).
 The calibration scores are those the checkpoint stores (out of fold, or held out in older versions). Results:
-<results_dir>/calibration.json and .md.
+<results_dir>/thresholds.json and .md.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def main() -> None:
             rows.append(measure(args.code.resolve(), args.data_root, name, str(Path(args.weights).resolve()),
                                 Path(work)))
         print(json.dumps(rows[-1]), flush=True)
-    atomic_write_json(Path(args.results_dir) / "calibration.json", {"command": " ".join(sys.argv), "rows": rows})
-    atomic_write_text(Path(args.results_dir) / "calibration.md", markdown(rows) + "\n")
+    atomic_write_json(Path(args.results_dir) / "thresholds.json", {"command": " ".join(sys.argv), "rows": rows})
+    atomic_write_text(Path(args.results_dir) / "thresholds.md", markdown(rows) + "\n")
     print(markdown(rows))
 
 
