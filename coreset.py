@@ -266,20 +266,17 @@ def distances_to(bank_points: torch.Tensor, points: torch.Tensor, block: int = 4
     return nearest
 
 
-def continued_run(nearest_to_bank: torch.Tensor, count: int, radius: float,
-                  rows: torch.Tensor | None = None) -> GreedyRun:
+def continued_run(nearest_to_bank: torch.Tensor, count: int, rows: torch.Tensor | None = None) -> GreedyRun:
     """A greedy run that continues a bank's greedy over new points (or their ``rows``): the bank's entries count as
-    picks already made, so each point starts at its squared distance to the bank (``distances_to``), and points no
-    farther than ``radius`` (the bank's coverage radius, with 1e-4 to spare for the float rounding of features
-    computed again) are never picked; at most ``count`` picks. A point already in the bank, or one like the points
-    the bank was chosen from, adds nothing."""
-    floor = radius * (1 + 1e-4)
+    picks already made, so each point starts at its squared distance to the bank (``distances_to``), and the
+    farthest are picked first, ``count`` of them (a retrain's greedy on old and new points together makes as many
+    picks); a point at distance 0 (already in the bank) is never picked."""
     nearest = nearest_to_bank.clone()
     if rows is not None:
         outside = torch.ones_like(nearest, dtype=torch.bool)
         outside[rows] = False
         nearest[outside] = -math.inf
-    return GreedyRun(nearest, count, floor)
+    return GreedyRun(nearest, count, 0.0)
 
 
 def available_memory(device: torch.device) -> int:

@@ -255,11 +255,10 @@ class PatchCore:
         self.calibration: Calibration | None = None
         # Provenance: the images that built the bank ({"path", "sha256"}, and "removed" once taken out), the image of
         # each bank entry (index into images, -1 unknown), the versions (history: one entry per training or update,
-        # with what undoes it), the greedy's coverage radius; and the checkpoint's other fields (category, ...).
+        # with what undoes it); and the checkpoint's other fields (category, ...).
         self.images: list[dict] = []
         self.entry_images: torch.Tensor | None = None
         self.history: list[dict] = []
-        self.coverage_radius: float | None = None
         self.metadata: dict = {}
         self.roi: torch.Tensor | None = None  # (H, W) bool at the model's input: the area to inspect (None: all)
         self._regions: dict[tuple[int, int], RegionOfInterest] = {}
@@ -382,7 +381,6 @@ class PatchCore:
                 print(f"coreset: greedy on {shards} shards of ~{store.num_rows // shards:,} patches, merged "
                       f"(--coreset {config.coreset}, --coreset_shard_size {config.coreset_shard_size:,})")
             self.set_memory_bank(store.rows(picks))
-            self.coverage_radius = coreset.radius
             self.images = image_records(loader.dataset)
             self.entry_images = (picks.cpu() // patches_per_image).to(torch.int32)
             self.history = []
@@ -554,7 +552,6 @@ class PatchCore:
             "images": self.images,
             "entry_images": self.entry_images,
             "history": self.history,
-            "coverage_radius": self.coverage_radius,
             "roi": self.roi,
             "ivf_centroids": self.ivf_centroids,
         }
@@ -586,7 +583,6 @@ class PatchCore:
         model.entry_images = checkpoint.get("entry_images")
         if model.entry_images is None:  # a checkpoint from before provenance: its entries' images are unknown
             model.entry_images = torch.full((len(model.memory_bank),), -1, dtype=torch.int32)
-        model.coverage_radius = checkpoint.get("coverage_radius")
         model.set_roi(checkpoint.get("roi"))
         model.metadata = {key: checkpoint[key] for key in ("category", "data_path", "created", "device",
                                                             "num_train_images", "timings") if key in checkpoint}

@@ -2,8 +2,8 @@
 
 PatchCore's model is a set of normal patches, so adding good images is adding patches. add_good embeds only the new
 images and continues the bank's greedy coreset over their patches: the bank's entries count as picks already made,
-so only patches farther from the bank than the greedy left any training patch (its coverage radius) are added, at
-most the coreset ratio of the new patches. The thresholds are set again from the calibration scores the model
+so the patches farthest from the bank are added, the coreset ratio of the new patches, as many as a retrain's greedy
+on the old and new images together adds (patches already in the bank never are). The thresholds are set again from the calibration scores the model
 already has (the bank only grows, so their scores against it can only fall: keeping them is conservative) and the
 new images scored out of fold (each fold against the bank plus the picks from the other folds), at the stored
 false-alarm rate. Every update is one history entry holding what undoes it, so rollback restores the previous
@@ -29,7 +29,6 @@ from config import UserError
 from coreset import Projection, continued_run, distances_to, image_folds, run_greedy, squared_row_norms
 from dataset import ImageFiles, make_loader
 from images import expand_paths, file_sha256
-from search import NearestNeighbours
 
 if TYPE_CHECKING:
     from patchcore import PatchCore
@@ -63,7 +62,7 @@ def good_paths(arguments: Sequence[str]) -> list[Path]:
 
 
 def add_good(model: PatchCore, files: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0) -> dict:
-    """Add the good images ``files`` to ``model``: their patches beyond the bank's coverage, new thresholds, one
+    """Add the good images ``files`` to ``model``: their patches farthest from the bank, new thresholds, one
     history entry. Images already in the model (by SHA-256) are skipped; unreadable ones are named in the report
     and the rest added. Returns the report (also the history entry, less what undoes it)."""
     _require_bank(model)
@@ -198,15 +197,14 @@ def _picks_and_scores(model: PatchCore, features: torch.Tensor, scoring: torch.T
     patches = features.shape[1] * features.shape[2]
     points = features.flatten(0, 2).to(model.device) @ projection
     to_bank = distances_to(model.memory_bank @ projection, points)
-    radius = model.coverage_radius if model.coverage_radius is not None else _estimated_radius(model, projection)
     images = len(features)
     inside = model.inspected_rows(tuple(features.shape[1:3]), len(points))  # only patches it inspects enter the bank
     every = torch.arange(len(points), device=model.device) if inside is None else inside
     folds = image_folds(images, FOLDS)
-    runs = [continued_run(to_bank, math.ceil(config.coreset_ratio * len(every)), radius, every)]
+    runs = [continued_run(to_bank, math.ceil(config.coreset_ratio * len(every)), every)]
     for fold in folds:
         rows = every[~torch.isin(every // patches, fold.to(model.device))]
-        runs.append(continued_run(to_bank, math.ceil(config.coreset_ratio * len(rows)), radius, rows))
+        runs.append(continued_run(to_bank, math.ceil(config.coreset_ratio * len(rows)), rows))
     run_greedy(points, squared_row_norms(points), runs, progress=False)
     scores, maxima = [0.0] * images, [0.0] * images
     for fold, run in zip(folds, runs[1:]):
@@ -215,14 +213,6 @@ def _picks_and_scores(model: PatchCore, features: torch.Tensor, scoring: torch.T
         for i, score, image_map in zip(fold.tolist(), fold_scores.tolist(), fold_maps):
             scores[i], maxima[i] = score, float(image_map.max())
     return runs[0].picks, scores, maxima
-
-
-def _estimated_radius(model: PatchCore, projection: torch.Tensor) -> float:
-    """For a checkpoint from before the radius was stored: the smallest distance between two bank entries on the
-    projection, which is the greedy's last pick distance and so at least its coverage radius."""
-    points = (model.memory_bank @ projection).cpu()
-    distances = NearestNeighbours(points, "flat").search(points, 2)[0][:, 1]
-    return float(distances[distances > 0].min()) ** 2 if (distances > 0).any() else 0.0
 
 
 def thresholds_of(model: PatchCore) -> dict | None:

@@ -42,19 +42,20 @@ def _brute_force_continuation(bank: torch.Tensor, points: torch.Tensor, count: i
 
 @pytest.mark.parametrize("shift", [None, 0.0, 0.6, 3.0])
 def test_continued_greedy_is_brute_force_greedy_from_the_bank(shift: float | None) -> None:
-    """The points the bank was chosen from (None: all within its coverage radius, nothing added), new points like
-    them (a few beyond the radius), a little off, and far off (the count decides)."""
+    """The points the bank was chosen from (None: the bank's own entries among them, never picked again), new points
+    like them, a little off, and far off: the count decides."""
     generator = torch.Generator().manual_seed(int((shift or 0) * 10))
     old = torch.randn(400, 8, dtype=torch.float64, generator=generator)
-    bank_picks, radius = greedy_coreset(old, 0.1, Projection(8, 8, 0).generator(), progress=False)
+    bank_picks, _ = greedy_coreset(old, 0.1, Projection(8, 8, 0).generator(), progress=False)
     bank = old[bank_picks]
-    new = old[100:300] if shift is None else torch.randn(300, 8, dtype=torch.float64, generator=generator) + shift
+    new = old if shift is None else torch.randn(300, 8, dtype=torch.float64, generator=generator) + shift
     count = math.ceil(0.1 * len(new))
-    run = continued_run(distances_to(bank, new), count, radius)
+    run = continued_run(distances_to(bank, new), count)
     run_greedy(new, squared_row_norms(new), [run], candidates=16, progress=False)
-    assert run.picks == _brute_force_continuation(bank, new, count, radius * (1 + 1e-4))
-    assert (len(run.picks) == 0) == (shift is None) and len(run.picks) <= count
-    assert float(torch.cdist(old, bank).amin(1).square().max()) == pytest.approx(radius)  # what the radius means
+    assert run.picks == _brute_force_continuation(bank, new, count, 0.0)
+    assert len(run.picks) == count
+    if shift is None:  # the same points: the bank's entries are not picked again
+        assert not set(run.picks) & set(bank_picks.tolist())
 
 
 def test_greedy_runs_together_pick_as_each_alone() -> None:
@@ -63,9 +64,9 @@ def test_greedy_runs_together_pick_as_each_alone() -> None:
     points = torch.randn(500, 6, dtype=torch.float64, generator=generator)
     start = torch.randn(500, dtype=torch.float64, generator=generator).abs()
     rows = [None, torch.arange(0, 500, 2), torch.arange(1, 500, 3)]
-    alone, together = [], [continued_run(start, 40, 0.1, r) for r in rows]
+    alone, together = [], [continued_run(start, 40, r) for r in rows]
     for r in rows:
-        run = continued_run(start, 40, 0.1, r)
+        run = continued_run(start, 40, r)
         run_greedy(points, squared_row_norms(points), [run], candidates=32, progress=False)
         alone.append(run.picks)
     run_greedy(points, squared_row_norms(points), together, candidates=32, progress=False)
@@ -103,7 +104,7 @@ def test_add_good_then_rollback_restores_the_model_exactly(trained_tiles: Traine
     assert rolled.returncode == 0 and "rolled back v2" in rolled.stdout, rolled.stderr
     restored = read_checkpoint(checkpoint_copy)
     assert restored["memory_bank"].numpy().tobytes() == old_bank.numpy().tobytes()  # byte-identical
-    for key in ("calibration", "images", "history", "coverage_radius"):
+    for key in ("calibration", "images", "history"):
         assert restored[key] == original[key], key
     assert torch.equal(restored["entry_images"], original["entry_images"])
 
@@ -119,19 +120,23 @@ def test_the_same_images_twice_add_nothing(trained_tiles: Trained, checkpoint_co
     assert [entry["version"] for entry in read_checkpoint(checkpoint_copy)["history"]] == [1, 2]  # no third version
 
 
-def test_images_like_the_training_ones_add_no_entry(trained_tiles: Trained, checkpoint_copy: Path,
-                                                   tmp_path: Path) -> None:
-    """Training images under new names, slightly changed (so new by SHA-256): all their patches lie within the
-    bank's coverage radius of its entries (they were covered when it was chosen), so nothing is added."""
+def test_images_like_the_training_ones_add_as_a_retrain_would(trained_tiles: Trained, checkpoint_copy: Path,
+                                                             tmp_path: Path) -> None:
+    """Training images under new names (the same pixels, other bytes, so new by SHA-256): as a retrain on the
+    training set plus these copies would, the update adds the coreset ratio of their patches, the farthest from the
+    bank, and never a patch already in it."""
     from PIL import Image  # noqa: PLC0415
 
     folder = tmp_path / "retaken"
     folder.mkdir()
     for source in sorted((trained_tiles.data_root / "tiles" / "train" / "good").glob("*.png"))[:4]:
         Image.open(source).save(folder / source.name, compress_level=1)  # other bytes, the same pixels
+    old_bank = read_checkpoint(checkpoint_copy)["memory_bank"]
     run = _update(checkpoint_copy, "--add_good", folder, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "added 0 bank entries from 4 new images" in run.stdout
+    added = read_checkpoint(checkpoint_copy)["memory_bank"][len(old_bank):]
+    assert len(added) == math.ceil(0.1 * 4 * 64) and f"added {len(added)} bank entries from 4 new images" in run.stdout
+    assert torch.cdist(added, old_bank).amin(1).min() > 1e-3  # none of them was in the bank
 
 
 def test_remove_images_then_rollback(trained_tiles: Trained, checkpoint_copy: Path, tmp_path: Path) -> None:
