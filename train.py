@@ -71,6 +71,12 @@ def fit_and_calibrate(model: PatchCore, dataset: MVTecDataset, run: TrainConfig,
             f"about {math.ceil(1 / c.false_alarm_rate)} would do)" if c.rule == "gumbel" else "")
     print(f"[{category}] thresholds for {c.false_alarm_rate:.1%} false alarms from {len(names)} {source} images, "
           f"rule '{c.rule}': image {c.image_threshold:.4g}, pixel {c.pixel_threshold:.4g}{note}")
+    highest = max(range(len(names)), key=lambda i: scores[i])
+    if c.rule == "rank" and scores[highest] == c.image_threshold and len(names) > 1:
+        runner_up = max(score for i, score in enumerate(scores) if i != highest)
+        print(f"[{category}] the image threshold is the highest calibration score, that of {names[highest]} "
+              f"({scores[highest]:.4g}; the next {runner_up:.4g}): if that image is not a typical good part, move "
+              f"it out of {source.split(' ')[0]} and retrain")
     model.history = [{"version": 1, "action": "train", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "images": len(dataset), "entries": len(model.memory_bank), "thresholds_after": thresholds_of(model)}]
     return timings

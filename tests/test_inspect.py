@@ -92,6 +92,20 @@ def test_image_folds_split_every_image_once() -> None:
     assert [fold.tolist() for fold in image_folds(3, 5)] == [[0], [1], [2]]  # at most one fold per image
 
 
+def test_train_names_the_image_whose_score_is_the_threshold(data_root: Path, capsys) -> None:
+    """At 10% with 16 images the rank rule takes the highest score: one unusual 'good' image (a defect among them?)
+    decides the threshold, so train.py names it."""
+    config = PatchCoreConfig(**{**SMALL_CONFIG, "false_alarm_rate": 0.1})
+    train = MVTecDataset(data_root, "tiles", "train", config.geometry)
+    model = PatchCore(config, CPU)
+    fit_and_calibrate(model, train, TrainConfig(num_workers=0), str(data_root), "tiles")
+    c = model.calibration
+    highest = max(range(len(c.images)), key=lambda i: c.image_scores[i])
+    assert c.rule == "rank" and c.image_threshold == c.image_scores[highest]
+    assert (f"the image threshold is the highest calibration score, that of {c.images[highest]} "
+            f"({c.image_scores[highest]:.4g}; the next {sorted(c.image_scores)[-2]:.4g})") in capsys.readouterr().out
+
+
 def test_one_training_image_cannot_set_thresholds(data_root: Path) -> None:
     config = PatchCoreConfig(**SMALL_CONFIG)
     train = MVTecDataset(data_root, "tiles", "train", config.geometry)
