@@ -177,11 +177,16 @@ def test_predict_takes_a_one_off_region(trained_with_roi: Trained, tmp_path: Pat
                          "--roi", everything, "--output", tmp_path / "out.csv", right, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert _rows(tmp_path / "out.csv")[0]["anomalous"] == "1"  # with the whole part inspected, it is found
-    wrong = tmp_path / "wrong.png"
-    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(wrong)
+    wrong = tmp_path / "wrong.png"  # another shape than the 80 x 80 images (a mask of their shape at another
+    Image.fromarray(np.full((80, 40), 255, np.uint8)).save(wrong)  # resolution, or within 5% of it, is mapped)
     refused = run_in_process("predict.py", "--category", "tiles", "--checkpoint_dir", trained_with_roi.checkpoint_dir,
                              "--roi", wrong, "--output", tmp_path / "no.csv", right, cwd=tmp_path)
-    assert refused.returncode == 2 and "is 40 x 40 pixels" in refused.stderr
+    assert refused.returncode == 2 and "is 40 x 80 pixels" in refused.stderr
+    half = tmp_path / "half.png"
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(half)
+    scaled = run_in_process("predict.py", "--category", "tiles", "--checkpoint_dir", trained_with_roi.checkpoint_dir,
+                            "--roi", half, "--output", tmp_path / "half.csv", right, cwd=tmp_path)
+    assert scaled.returncode == 0 and _rows(tmp_path / "half.csv")[0]["anomalous"] == "1", scaled.stderr
 
 
 def test_exported_model_keeps_the_region(trained_with_roi: Trained, tmp_path: Path) -> None:
