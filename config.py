@@ -284,6 +284,15 @@ class TrainConfig(RunConfig):
         return self.data_path or os.environ.get(DATA_PATH_ENV) or DEFAULT_DATA_PATH
 
 
+@dataclass(frozen=True)
+class InspectConfig:
+    """How evaluate.py and predict.py run a stored model where it may differ from the checkpoint's settings."""
+
+    precision: str | None = _option(None, "inspect in this precision instead of the checkpoint's (see train.py "
+                                          "--help): 'fp32' computes exactly what an exported model computes",
+                                    choices=PRECISIONS)
+
+
 @dataclass
 class EvalConfig(RunConfig):
     """evaluate.py's run settings."""

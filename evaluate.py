@@ -17,7 +17,7 @@ import metrics
 import plots
 from atomic import WriteError, atomic_write_json, atomic_write_text, check_writable_folder
 from calibration import operating_point
-from config import EvalConfig, UserError, parse_flags, plain_name, run_cli
+from config import EvalConfig, InspectConfig, UserError, parse_flags, plain_name, run_cli
 from dataset import MVTecDataset, denormalize, make_loader
 from images import display_name
 from patchcore import PatchCore, checkpoint_path
@@ -131,10 +131,11 @@ def markdown_table(results: dict[str, dict], mean: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_category(path: Path, category: str, run: EvalConfig, device: torch.device) -> tuple[dict, tuple]:
+def evaluate_category(path: Path, category: str, run: EvalConfig, device: torch.device,
+                      inspection: InspectConfig) -> tuple[dict, tuple]:
     """Score one checkpoint's test set and write the category's results into <results_dir>/<category>/; returns
     its metrics and its curve data for the plots."""
-    model, checkpoint = PatchCore.load(path, device, category)
+    model, checkpoint = PatchCore.load(path, device, category, inspection.precision)
     dataset = MVTecDataset(run.data_path or checkpoint["data_path"], category, "test",
                            model.config.geometry)
     p = predict(model, dataset, run, category)
@@ -174,7 +175,7 @@ def checkpoints_to_evaluate(run: EvalConfig) -> list[tuple[Path, str]]:
     return [(path, path.stem) for path in paths]
 
 
-def evaluate(run: EvalConfig) -> dict:
+def evaluate(run: EvalConfig, inspection: InspectConfig = InspectConfig()) -> dict:
     """Evaluate the checkpoints and write the results. With --category all, a checkpoint that fails (damaged,
     renamed, its data missing) is reported and the others are evaluated: summary.json then holds those, and
     'failed' in the returned summary lists the rest (exit code 1). A result that cannot be written stops it all."""
@@ -184,7 +185,8 @@ def evaluate(run: EvalConfig) -> dict:
     results, curves, failed, start = {}, {}, {}, time.perf_counter()
     for path, category in checkpoints_to_evaluate(run):
         try:
-            results[category], curves[category] = evaluate_category(path, plain_name(category), run, device)
+            results[category], curves[category] = evaluate_category(
+                path, plain_name(category), run, device, inspection)
         except UserError as err:
             if run.category != "all" or isinstance(err, WriteError):
                 raise
@@ -211,7 +213,7 @@ def evaluate(run: EvalConfig) -> dict:
 
 
 def main() -> None:
-    summary = evaluate(*parse_flags(__doc__, EvalConfig))
+    summary = evaluate(*parse_flags(__doc__, EvalConfig, InspectConfig))
     if summary["failed"]:
         print(f"error: {len(summary['failed'])} categories failed ({', '.join(summary['failed'])}); "
               f"{len(summary['categories'])} evaluated", file=sys.stderr)

@@ -559,13 +559,15 @@ class PatchCore:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu",
-             category: str | None = None) -> tuple["PatchCore", dict]:
+             category: str | None = None, precision: str | None = None) -> tuple["PatchCore", dict]:
         """A model ready to inspect, and the checkpoint's contents; UserError for damaged or foreign files, and, with
-        ``category``, for a checkpoint trained for another category (e.g. copied under another name)."""
+        ``category``, for a checkpoint trained for another category (e.g. copied under another name). ``precision``
+        replaces the stored one for inspection ('fp32': what an exported model computes)."""
         checkpoint = read_checkpoint(path, category)
         stored = checkpoint["config"]
         config = PatchCoreConfig(**{**VALUES_BEFORE_THE_FIELD, **stored, "layers": tuple(stored["layers"]),
-                                    **{key: _numbers(stored[key]) for key in ("resize", "image_size")}})
+                                    **{key: _numbers(stored[key]) for key in ("resize", "image_size")},
+                                    **({} if precision is None else {"precision": precision})})
         config.validate()  # before building the backbone it names
         extractor = FeatureExtractor(config.backbone, config.weights, config.layers, state=checkpoint["backbone_state"])
         if extractor.weights_digest != checkpoint["weights_digest"]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import plots
 from atomic import check_writable_folder
-from config import PredictConfig, UserError, parse_flags, run_cli
+from config import InspectConfig, PredictConfig, UserError, parse_flags, run_cli
 from dataset import ImageFiles, denormalize, make_loader
 from images import display_name, expand_paths, region_of_interest
 from patchcore import PatchCore, checkpoint_path, model_identity
@@ -63,7 +63,7 @@ def inspect_files(model: PatchCore, files: list[Path], run: PredictConfig, write
     return pictures
 
 
-def predict(run: PredictConfig) -> int:
+def predict(run: PredictConfig, inspection: InspectConfig = InspectConfig()) -> int:
     """Inspect the images named by ``run.paths``; returns the exit code (1 when some image could not be read)."""
     if not run.category or run.category == "all":
         raise UserError("predict.py inspects with one category: pass --category NAME (a checkpoint in "
@@ -75,7 +75,7 @@ def predict(run: PredictConfig) -> int:
     if run.maps:
         check_writable_folder(run.maps, "overlay pictures")
     model, checkpoint = PatchCore.load(checkpoint_path(run.checkpoint_dir, run.category), run.resolved_device(),
-                                       run.category)
+                                       run.category, inspection.precision)
     if run.roi:
         model.set_roi(torch.from_numpy(region_of_interest(run.roi, files[0], model.config.geometry)))
     image_threshold, pixel_threshold = model.thresholds(run.threshold)
@@ -99,7 +99,7 @@ def predict(run: PredictConfig) -> int:
 
 
 def main() -> None:
-    sys.exit(predict(*parse_flags(__doc__, PredictConfig)))
+    sys.exit(predict(*parse_flags(__doc__, PredictConfig, InspectConfig)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ images saved as 16-bit PNG score more than 0.1% apart from their 8-bit originals
 another nearest bank entry than the flat search for a test patch (beyond float32 ties), or the bf16 candidate search
 (the default on CPUs with AMX) a farther one for over 0.1% of them, or if the exported model (export.py, in ONNX
 Runtime and OpenVINO through predict_exported.py) scores a test image more than 1e-4 apart from predict.py with the
-checkpoint, or gives another verdict. Prints the operating points of the thresholds train.py stored. Exits 0, saying
+checkpoint in fp32 (the graph's precision; on CPUs with native bf16 predict.py would inspect in bf16), or gives
+another verdict. Prints the operating points of the thresholds train.py stored. Exits 0, saying
 so, when ../shared is absent (a user's clone).
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def run(script: str, *args: str) -> None:
 
 def sixteen_bit_check(tmp: Path, per_type: int = 10) -> list[str]:
     """The first magnetic-tile test images of each type as 8-bit PNG (the originals) and as 16-bit PNG (value * 257),
-    through predict.py with the checkpoint trained above: their scores must agree to 0.1%."""
+    through predict.py with the checkpoint trained above, in fp32 (bf16 would round the inputs' last bits apart):
+    their scores must agree to 0.1%."""
     test = CATEGORIES["magnetic_tile"] / "magnetic_tile" / "test"
     originals = [p for folder in sorted(test.iterdir()) for p in sorted(folder.glob("*.png"))[:per_type]]
     for path in originals:
@@ -55,7 +57,7 @@ def sixteen_bit_check(tmp: Path, per_type: int = 10) -> list[str]:
     scores = []
     for name, paths in (("8bit", [str(p) for p in originals]), ("16bit", [str(tmp / "sixteen_bit")])):
         run("predict.py", "--category", "magnetic_tile", "--checkpoint_dir", str(tmp / "checkpoints"),
-            "--output", str(tmp / f"{name}.csv"), *paths)
+            "--precision", "fp32", "--output", str(tmp / f"{name}.csv"), *paths)
         with open(tmp / f"{name}.csv", newline="") as f:
             scores.append({Path(r["path"]).parent.name + "/" + Path(r["path"]).name: float(r["score"])
                            for r in csv.DictReader(f)})
@@ -100,10 +102,11 @@ def _scores(path: Path) -> dict[str, tuple[float, str]]:
 
 
 def deploy_check(tmp: Path, category: str) -> list[str]:
-    """Every test image of ``category`` through predict.py with the checkpoint, and through the exported model in
-    ONNX Runtime (the .onnx file) and OpenVINO (the IR): the scores must agree to 1e-4 relative, the verdicts all."""
+    """Every test image of ``category`` through predict.py with the checkpoint in fp32, like for like, and through the
+    exported model (an fp32 graph) in ONNX Runtime (the .onnx file) and OpenVINO (the IR): the scores must agree to
+    1e-4 relative, the verdicts all."""
     test, checkpoints = CATEGORIES[category] / category / "test", tmp / "checkpoints"
-    run("predict.py", "--category", category, "--checkpoint_dir", str(checkpoints), "--output",
+    run("predict.py", "--category", category, "--checkpoint_dir", str(checkpoints), "--precision", "fp32", "--output",
         str(tmp / f"{category}_checkpoint.csv"), str(test))
     expected, failures = _scores(tmp / f"{category}_checkpoint.csv"), []
     for kind in ("onnx", "openvino"):

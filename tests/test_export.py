@@ -38,10 +38,11 @@ def bundle(trained_tiles: Trained, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def checkpoint_verdicts(trained_tiles: Trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """predict.py's rows for the tiles' test set, with the checkpoint."""
+    """predict.py's rows for the tiles' test set, with the checkpoint, in fp32 as the exported graph computes (on a
+    CPU with native bf16 the checkpoint's 'auto' would inspect in bf16)."""
     folder = tmp_path_factory.mktemp("checkpoint_verdicts")
     run = run_in_process("predict.py", "--category", "tiles", "--checkpoint_dir", trained_tiles.checkpoint_dir,
-                         "--num_workers", "0", "--output", folder / "torch.csv", trained_tiles.data_root / "tiles" / "test",
+                         "--num_workers", "0", "--precision", "fp32", "--output", folder / "torch.csv", trained_tiles.data_root / "tiles" / "test",
                          cwd=folder)
     assert run.returncode == 0, run.stderr
     return _rows(folder / "torch.csv")
@@ -242,7 +243,7 @@ def test_exported_k3_model_reweights_as_the_checkpoint(data_root: Path, tmp_path
     from dataset import MVTecDataset, make_loader  # noqa: PLC0415
     from patchcore import PatchCore  # noqa: PLC0415
 
-    config = PatchCoreConfig(**SMALL_CONFIG, k=3)
+    config = PatchCoreConfig(**SMALL_CONFIG, k=3, precision="fp32")  # as the exported graph computes
     model = PatchCore(config, torch.device("cpu"))
     train = MVTecDataset(data_root, "tiles", "train", config.geometry)
     model.fit(make_loader(train, 8, 0, model.device))

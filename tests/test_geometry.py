@@ -72,7 +72,7 @@ def test_non_square_category_trains_evaluates_predicts_and_exports(data_root: Pa
     assert width > 2 * height  # four panels of a landscape image
     test = data_root / "gray" / "test"
     predict = run_in_process("predict.py", "--category", "gray", "--checkpoint_dir", checkpoints, "--output",
-                             tmp_path / "torch.csv", test, cwd=tmp_path)
+                             tmp_path / "torch.csv", "--precision", "fp32", test, cwd=tmp_path)  # as the export
     assert predict.returncode == 0, predict.stderr
     export = run_in_process("export.py", "--category", "gray", "--checkpoint_dir", checkpoints, "--output",
                             tmp_path / "exported", cwd=tmp_path)
@@ -196,7 +196,8 @@ def test_exported_model_keeps_the_region(trained_with_roi: Trained, tmp_path: Pa
     export = run_in_process("export.py", "--category", "tiles", "--checkpoint_dir", trained_with_roi.checkpoint_dir,
                             "--output", tmp_path / "exported", cwd=tmp_path)
     assert export.returncode == 0, export.stderr
-    for script, args in (("predict.py", ["--category", "tiles", "--checkpoint_dir", trained_with_roi.checkpoint_dir]),
+    for script, args in (("predict.py", ["--category", "tiles", "--checkpoint_dir", trained_with_roi.checkpoint_dir,
+                                         "--precision", "fp32"]),  # as the exported graph computes
                          ("predict_exported.py", [tmp_path / "exported" / "tiles.onnx"])):
         run = run_in_process(script, *args, "--output", tmp_path / f"{script}.csv", *paths, cwd=tmp_path)
         assert run.returncode == 0, run.stderr

@@ -2,6 +2,7 @@
 search, and the --precision flag from the command line to the checkpoint and summary.json."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -308,3 +309,32 @@ def test_precision_flag_is_stored_in_the_checkpoint_and_the_summary(data_root: P
     assert summary["resolved_precision"] == summary["trained"]["resolved_precision"] == "bf16"
     assert summary["resolved_search"] == summary["trained"]["resolved_search"] == search
     assert summary["config"]["precision"] == "bf16" and summary["config"]["fp32_bank"] is False
+
+
+def test_inspection_precision_replaces_the_stored_one(data_root: Path, tmp_path: Path) -> None:
+    """evaluate.py and predict.py --precision: a bf16 checkpoint inspected in fp32 (what an exported model computes)
+    scores as an fp32 model does, and says so in the summary; without the flag, the stored bf16."""
+    trained = run_in_process("train.py", "--data_path", data_root, "--category", "gray", *SMALL, "--precision",
+                             "bf16", "--checkpoint_dir", tmp_path / "checkpoints", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_in_process("evaluate.py", "--checkpoint_dir", tmp_path / "checkpoints", "--results_dir",
+                               tmp_path / "results", "--no_plots", "--precision", "fp32", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())["categories"]["gray"]
+    assert summary["resolved_precision"] == summary["config"]["precision"] == "fp32"
+    assert summary["trained"]["resolved_precision"] == "bf16"
+    with open(tmp_path / "results" / "gray" / "scores.csv", newline="") as f:
+        evaluated_scores = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+    scores = {}
+    for precision in ("fp32", None):
+        output = tmp_path / f"{precision}.csv"
+        flags = [] if precision is None else ["--precision", precision]
+        run = run_in_process("predict.py", "--category", "gray", "--checkpoint_dir", tmp_path / "checkpoints",
+                             "--num_workers", "0", "--output", output, *flags, data_root / "gray" / "test", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        with open(output, newline="") as f:
+            scores[precision] = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+    assert scores["fp32"].keys() == evaluated_scores.keys()
+    for path, score in evaluated_scores.items():
+        assert scores["fp32"][path] == pytest.approx(score, rel=1e-5)
+    assert any(abs(scores[None][path] / score - 1) > 1e-5 for path, score in evaluated_scores.items())  # bf16
