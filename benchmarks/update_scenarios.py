@@ -7,9 +7,9 @@ an operator's feedback. One run on this machine; every model trained and updated
 
 - retrain: train on a seeded 80% of train/good, update with the other 20% (--add_good), and train on all of it:
   image / pixel AUROC of both on the test set, and the update's time against the full training's (whole processes).
-- lighting: copies of the test set and of 20 training images with every pixel value times --brightness (clipped):
-  false alarms on the changed good test images and recall on the changed defective ones with the model as trained,
-  then after --add_good of the 20 changed training images; beside the unchanged model's recall on the unchanged
+- lighting: copies of the test set and of --added training images (20) with every pixel value times --brightness
+  (clipped): false alarms on the changed good test images and recall on the changed defective ones with the model as
+  trained, then after --add_good of the changed training images; beside the unchanged model's recall on the unchanged
   test set. Without --brightness, the smallest of 1.1, 1.2, 1.3, 1.5, 2.0 whose changed good images the model
   flags at over five times the target rate.
 - feedback: at --false_alarm_rate 0.05, test/good split in seeded halves; predict.py on the first half,
@@ -139,14 +139,14 @@ def lighting_scenario(args: argparse.Namespace, source: Path, work: Path) -> dic
         if args.brightness or tried[factor]["false_alarm_rate"] > 5 * target_rate:
             break
     factor = max(tried)
-    chosen = random.Random(1).sample(images_in(source / "train" / "good"), 20)
+    chosen = random.Random(1).sample(images_in(source / "train" / "good"), args.added)
     new_train = work / f"bright_train_{factor}"
     new_train.mkdir()
     for path in chosen:
         Image.fromarray(brighter(factor)(read_pixels(path))).save(new_train / f"{path.stem}.png")
     seconds_update, entry = add_good(args, work / "ck_light", new_train)
     after = evaluate(work / "ck_light", work / f"bright_{factor}", args.category, work / "r_bright_after")
-    return {"brightness": factor, "tried": tried, "unchanged_model_unchanged_images": unchanged,
+    return {"brightness": factor, "added": len(chosen), "tried": tried, "unchanged_model_unchanged_images": unchanged,
             "before_update": tried[factor], "after_update": after, "update": entry, "update_s": seconds_update,
             "train_s": cli_train}
 
@@ -195,7 +195,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---|",
                   f"| unchanged model, unchanged images | {r['unchanged_model_unchanged_images']['false_alarm_rate']:.3f} | "
                   f"{r['unchanged_model_unchanged_images']['recall']:.3f} |",
-                  f"| before --add_good of 20 changed training images | {r['before_update']['false_alarm_rate']:.3f} | "
+                  f"| before --add_good of {r['added']} changed training images | {r['before_update']['false_alarm_rate']:.3f} | "
                   f"{r['before_update']['recall']:.3f} |",
                   f"| after ({r['update'].get('entries_added', 0)} entries added) | "
                   f"{r['after_update']['false_alarm_rate']:.3f} | {r['after_update']['recall']:.3f} |", ""]
@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--weights", required=True)
     parser.add_argument("--coreset_ratio", default="0.01")
     parser.add_argument("--brightness", type=float, default=None)
+    parser.add_argument("--added", type=int, default=20, help="lighting: changed training images added")
     parser.add_argument("--scenarios", nargs="+", default=["retrain", "lighting"],
                         choices=["retrain", "lighting", "feedback"])
     parser.add_argument("--results_dir", default="results")
