@@ -5,7 +5,8 @@ the reference code, side by side in one run on this machine.
     python benchmarks/deploy.py --data_path ../shared/data/mvtec_ad --category bottle --backbone resnet50 \
         --weights ../shared/weights/resnet50_imagenet_upto_layer3.pth --coreset_ratios 0.01 0.1 0.25
 
-Other flags go to train.py as they are.
+Other flags go to train.py as they are. --search_chunks N ... exports and measures the model once per value of
+export.py's --search_chunk (the memory bound of the graph's search), as rows of their own.
 
 For each coreset ratio: train.py trains the category and export.py exports it (ONNX, and OpenVINO IR). Then each
 path runs in a process of its own, whose peak RSS is that path's (the exported ones never import torch):
@@ -111,14 +112,19 @@ def benchmark_ratio(args: argparse.Namespace, ratio: float, work: Path) -> dict:
     subprocess.run([sys.executable, "train.py", "--data_path", args.data_path, *common, "--backbone", args.backbone,
                     "--weights", args.weights, "--coreset_ratio", str(ratio), *args.train_flags], cwd=ROOT,
                    check=True, capture_output=True)
-    for kind in ("onnx", "openvino"):
-        subprocess.run([sys.executable, "export.py", *common, "--format", kind, "--output", str(exported)], cwd=ROOT,
-                       check=True, capture_output=True)
-    contract = json.loads((exported / f"{args.category}.json").read_text())
+    models = {"torch": checkpoints / f"{args.category}.pt"}
+    for chunk in args.search_chunks or [None]:  # None: export.py's default
+        folder = exported / str(chunk)
+        for kind in ("onnx", "openvino"):
+            subprocess.run([sys.executable, "export.py", *common, "--format", kind, "--output", str(folder),
+                            *([] if chunk is None else ["--search_chunk", str(chunk)])], cwd=ROOT, check=True,
+                           capture_output=True)
+        named = "" if chunk is None else f", chunk {chunk}"
+        models.update({f"onnxruntime{named}": folder / f"{args.category}.onnx",
+                       f"openvino{named}": folder / f"{args.category}.xml"})
+    contract = json.loads((folder / f"{args.category}.json").read_text())
     geometry = Geometry.of(*(contract["input"]["geometry"][key] for key in ("resize", "size", "keep_aspect")))
     images = prepared_test_images(args.data_path, args.category, geometry, work / "test_images.npy")
-    models = {"torch": checkpoints / f"{args.category}.pt", "onnxruntime": exported / f"{args.category}.onnx",
-              "openvino": exported / f"{args.category}.xml"}
     stream = work / "stream"
     if not stream.exists():
         for copy in range(args.copies):
@@ -129,12 +135,12 @@ def benchmark_ratio(args: argparse.Namespace, ratio: float, work: Path) -> dict:
     test = str(stream)
     row = {"bank_entries": contract["search"]["bank_entries"], "test_images": len(np.load(images)), "paths": {}}
     for path, model in models.items():
-        figures = {f"batch_{batch}": run_json([sys.executable, __file__, "--measure", path, str(model), str(images),
+        runtime, output = path.split(",")[0], work / f"{path.replace(', ', '_').replace(' ', '_')}.csv"
+        figures = {f"batch_{batch}": run_json([sys.executable, __file__, "--measure", runtime, str(model), str(images),
                                                str(batch), str(args.passes)]) for batch in (1, 32)}
         cli = (["predict.py", *common, "--num_workers", "0"] if path == "torch"
-               else ["predict_exported.py", str(model), "--runtime", path])
-        figures["end_to_end_images_per_s"] = end_to_end([*cli, test, "--batch_size", "32", "--output",
-                                                         str(work / f"{path}.csv")])
+               else ["predict_exported.py", str(model), "--runtime", runtime])
+        figures["end_to_end_images_per_s"] = end_to_end([*cli, test, "--batch_size", "32", "--output", str(output)])
         row["paths"][path] = figures
         print(f"coreset {ratio}, {path}: {json.dumps(figures)}", flush=True)
     if ratio in args.reference_ratios:
@@ -185,6 +191,8 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="times the test set is scored per measurement")
     parser.add_argument("--copies", type=int, default=5, help="copies of the test set in the end-to-end stream")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="the reference code's runner")
+    parser.add_argument("--search_chunks", type=int, nargs="+", default=None,
+                        help="export.py --search_chunk values, each exported and measured (default: export.py's)")
     parser.add_argument("--results_dir", default="results")
     args, args.train_flags = parser.parse_known_args()  # the rest goes to train.py (e.g. --resize, --batch_size)
     args.reference_ratios = args.coreset_ratios if args.reference_ratios is None else args.reference_ratios

@@ -63,6 +63,18 @@ def test_deploy_benchmark_times_every_path_and_the_reference(data_root: Path, tm
     assert len(table) == 6 and table[-1].startswith("| 0.1 (") and "reference code" in table[-1]
 
 
+def test_deploy_benchmark_measures_each_search_chunk(data_root: Path, tmp_path: Path) -> None:
+    run = run_script("benchmarks/deploy.py", "--data_path", data_root, "--category", "tiles", "--backbone",
+                     "resnet18", "--weights", "none", "--coreset_ratios", "0.1", "--reference_ratios", "--passes", "1",
+                     "--copies", "1", "--search_chunks", "64", "16", "--results_dir", tmp_path, *SMALL_WITHOUT_RATIO[4:],
+                     cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = json.loads((tmp_path / "deploy_benchmark.json").read_text(encoding="utf-8"))["rows"]["0.1"]
+    assert list(row["paths"]) == ["torch", "onnxruntime, chunk 64", "openvino, chunk 64", "onnxruntime, chunk 16",
+                                  "openvino, chunk 16"]
+    assert all(figures["end_to_end_images_per_s"] > 0 for figures in row["paths"].values())
+
+
 def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root: Path, tmp_path: Path) -> None:
     """With --same_picks, fp32's own row on its own picks is the end-to-end fp32 run: the same bank, the same
     AUROCs."""
