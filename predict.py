@@ -84,7 +84,8 @@ def predict(run: PredictConfig, inspection: InspectConfig = InspectConfig()) -> 
     writer = VerdictFile(output, model_id, (image_threshold, pixel_threshold))
     todo, resumed = writer.start(files)
     print(f"[{run.category}] {len(files)} images; model {model_id}; {source} image threshold {image_threshold:.4g}, "
-          f"pixel threshold {pixel_threshold:.4g}; {model.config.backbone} on {model.device}{resumed}")
+          f"pixel threshold {pixel_threshold:.4g}; {model.config.backbone} on {model.device} in {model.precision}"
+          f"{resumed}")
     root = Path(os.path.commonpath([os.path.realpath(path.parent) for path in files]))
     start = time.perf_counter()
     try:

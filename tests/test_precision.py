@@ -330,8 +330,10 @@ def test_inspection_precision_replaces_the_stored_one(data_root: Path, tmp_path:
         output = tmp_path / f"{precision}.csv"
         flags = [] if precision is None else ["--precision", precision]
         run = run_in_process("predict.py", "--category", "gray", "--checkpoint_dir", tmp_path / "checkpoints",
-                             "--num_workers", "0", "--output", output, *flags, data_root / "gray" / "test", cwd=tmp_path)
+                             "--num_workers", "0", "--output", output, *flags, data_root / "gray" / "test",
+                             cwd=tmp_path)
         assert run.returncode == 0, run.stderr
+        assert f"on cpu in {precision or 'bf16'}" in run.stdout
         with open(output, newline="") as f:
             scores[precision] = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
     assert scores["fp32"].keys() == evaluated_scores.keys()
