@@ -112,17 +112,18 @@ def benchmark_ratio(args: argparse.Namespace, ratio: float, work: Path) -> dict:
     subprocess.run([sys.executable, "train.py", "--data_path", args.data_path, *common, "--backbone", args.backbone,
                     "--weights", args.weights, "--coreset_ratio", str(ratio), *args.train_flags], cwd=ROOT,
                    check=True, capture_output=True)
-    models = {"torch": checkpoints / f"{args.category}.pt"}
+    models, chunks = {"torch": checkpoints / f"{args.category}.pt"}, {}
     for chunk in args.search_chunks or [None]:  # None: export.py's default
         folder = exported / str(chunk)
         for kind in ("onnx", "openvino"):
             subprocess.run([sys.executable, "export.py", *common, "--format", kind, "--output", str(folder),
                             *([] if chunk is None else ["--search_chunk", str(chunk)])], cwd=ROOT, check=True,
                            capture_output=True)
+        contract = json.loads((folder / f"{args.category}.json").read_text())
         named = "" if chunk is None else f", chunk {chunk}"
-        models.update({f"onnxruntime{named}": folder / f"{args.category}.onnx",
-                       f"openvino{named}": folder / f"{args.category}.xml"})
-    contract = json.loads((folder / f"{args.category}.json").read_text())
+        for runtime, suffix in (("onnxruntime", "onnx"), ("openvino", "xml")):
+            models[runtime + named] = folder / f"{args.category}.{suffix}"
+            chunks[runtime + named] = contract["search"]["bank_entries_at_a_time"]
     geometry = Geometry.of(*(contract["input"]["geometry"][key] for key in ("resize", "size", "keep_aspect")))
     images = prepared_test_images(args.data_path, args.category, geometry, work / "test_images.npy")
     stream = work / "stream"
@@ -141,6 +142,8 @@ def benchmark_ratio(args: argparse.Namespace, ratio: float, work: Path) -> dict:
         cli = (["predict.py", *common, "--num_workers", "0"] if path == "torch"
                else ["predict_exported.py", str(model), "--runtime", runtime])
         figures["end_to_end_images_per_s"] = end_to_end([*cli, test, "--batch_size", "32", "--output", str(output)])
+        if path in chunks:
+            figures["search_chunk"] = chunks[path]
         row["paths"][path] = figures
         print(f"coreset {ratio}, {path}: {json.dumps(figures)}", flush=True)
     if ratio in args.reference_ratios:

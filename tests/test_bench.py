@@ -73,6 +73,7 @@ def test_deploy_benchmark_measures_each_search_chunk(data_root: Path, tmp_path: 
     assert list(row["paths"]) == ["torch", "onnxruntime, chunk 64", "openvino, chunk 64", "onnxruntime, chunk 16",
                                   "openvino, chunk 16"]
     assert all(figures["end_to_end_images_per_s"] > 0 for figures in row["paths"].values())
+    assert [figures.get("search_chunk") for figures in row["paths"].values()] == [None, 64, 64, 16, 16]  # exported so
 
 
 def test_precision_benchmark_scores_each_variant_on_the_fp32_picks_too(data_root: Path, tmp_path: Path) -> None:
