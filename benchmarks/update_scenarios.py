@@ -146,8 +146,8 @@ def lighting_scenario(args: argparse.Namespace, source: Path, work: Path) -> dic
         Image.fromarray(brighter(factor)(read_pixels(path))).save(new_train / f"{path.stem}.png")
     seconds_update, entry = add_good(args, work / "ck_light", new_train)
     after = evaluate(work / "ck_light", work / f"bright_{factor}", args.category, work / "r_bright_after")
-    return {"brightness": factor, "added": len(chosen), "tried": tried, "unchanged_model_unchanged_images": unchanged,
-            "before_update": tried[factor], "after_update": after, "update": entry, "update_s": seconds_update,
+    return {"brightness": factor, "added": len(chosen), "tried": tried,
+            "unchanged_model_unchanged_images": unchanged, "before_update": tried[factor], "after_update": after, "update": entry, "update_s": seconds_update,
             "train_s": cli_train}
 
 
@@ -195,8 +195,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|",
                   f"| unchanged model, unchanged images | {r['unchanged_model_unchanged_images']['false_alarm_rate']:.3f} | "
                   f"{r['unchanged_model_unchanged_images']['recall']:.3f} |",
-                  f"| before --add_good of {r['added']} changed training images | {r['before_update']['false_alarm_rate']:.3f} | "
-                  f"{r['before_update']['recall']:.3f} |",
+                  f"| before --add_good of {r['added']} changed training images | "
+                  f"{r['before_update']['false_alarm_rate']:.3f} | {r['before_update']['recall']:.3f} |",
                   f"| after ({r['update'].get('entries_added', 0)} entries added) | "
                   f"{r['after_update']['false_alarm_rate']:.3f} | {r['after_update']['recall']:.3f} |", ""]
     if "feedback" in report:

@@ -42,8 +42,8 @@ def checkpoint_verdicts(trained_tiles: Trained, tmp_path_factory: pytest.TempPat
     CPU with native bf16 the checkpoint's 'auto' would inspect in bf16)."""
     folder = tmp_path_factory.mktemp("checkpoint_verdicts")
     run = run_in_process("predict.py", "--category", "tiles", "--checkpoint_dir", trained_tiles.checkpoint_dir,
-                         "--num_workers", "0", "--precision", "fp32", "--output", folder / "torch.csv", trained_tiles.data_root / "tiles" / "test",
-                         cwd=folder)
+                         "--num_workers", "0", "--precision", "fp32", "--output", folder / "torch.csv",
+                         trained_tiles.data_root / "tiles" / "test", cwd=folder)
     assert run.returncode == 0, run.stderr
     return _rows(folder / "torch.csv")
 
